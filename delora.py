@@ -1,0 +1,222 @@
+"""DeLoRA (Bini, Girrbach, Akata, ICLR 2025, arXiv 2503.18225) and a LoRA baseline, as drop-in
+wrappers around a frozen nn.Linear, plus the helpers that add, save and load them.
+
+Equation numbers follow the paper's v2. Where the paper is silent or differs from the code that
+produced its GLUE table (github.com/ExplainableML/DeLoRA), we follow that code and say so.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+NORM_EPS = 1e-4  # norms are clamped to this, so a collapsed rank-one term cannot divide by 0
+
+
+def _kaiming(*shape):
+    """A tensor initialized like nn.Linear's weight (kaiming-uniform, a = sqrt(5))."""
+    t = torch.empty(*shape)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return t
+
+
+class AdapterLinear(nn.Module):
+    """What DeLoRA and LoRA share: a frozen `base` nn.Linear plus a low-rank update ΔW
+    (`delta_weight()`), which `merge()` folds into base.weight and `unmerge()` takes out."""
+
+    def __init__(self, base: nn.Linear, r: int, dropout: float):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"rank r must be >= 1, got {r}")
+        self.base, self.r, self.merged = base.requires_grad_(False), r, False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold ΔW into base.weight: the same outputs, no adapter cost at inference."""
+        if self.merged:
+            raise RuntimeError("already merged")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take ΔW back out of base.weight (the inverse of merge, up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("not merged")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+
+class DeLoRALinear(AdapterLinear):
+    r"""A frozen linear layer plus DeLoRA's bounded low-rank update.
+
+        h  = W x + b + ΔW x                                                   (Eq. 15)
+        ΔW = (λ / r) · (B Ξ A − B₀ Ξ₀ A₀) ⊙ w                                  (Eq. 5-9)
+        Ξ  = diag(1 / (‖b_i‖ ‖a_i‖)),   b_i: column i of B,  a_i: row i of A    (Eq. 5)
+        w_j = ‖W[:, j]‖₂   (⊙ w scales column j of the update by w_j)         (Eq. 8)
+
+    | symbol   | attribute          | shape      | trained |
+    |----------|--------------------|------------|---------|
+    | W, b     | base.weight/.bias  | (out, in)  | no      |
+    | A        | A                  | (r, in)    | yes     |
+    | B        | B                  | (out, r)   | yes     |
+    | λ        | lam                | ()         | yes     |
+    | A₀, B₀   | A0, B0 (buffers)   | as A, B    | no      |
+    | w        | w (buffer)         | (in,)      | no      |
+
+    Why each piece:
+    - Normalizing each rank-one term b_i a_iᵀ to unit Frobenius norm (Ξ) bounds ‖B Ξ A‖_F ≤ r,
+      whatever the learning rate does to A and B: the *angle* is learned by A, B, the
+      *strength* by λ alone (Eq. 6).
+    - Dividing by r makes the bound λ, independent of the rank (Eq. 7).
+    - Scaling by the pretrained column norms w makes the update relative to the weights it
+      changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen term,
+      ‖ΔW‖_F ≤ 2|λ|·max_j w_j.
+    - Subtracting a frozen copy of the initial update starts training exactly at the
+      pretrained model while A and B are both random (kaiming-uniform); the paper found
+      zero-initializing B (needed by LoRA) unstable once the update is normalized (Eq. 9).
+
+    Following the official code rather than the paper's text: the frozen term is scaled by the
+    *current* λ (Eq. 9 writes the initial one), w is the per-column norm vector, and dropout is
+    applied to the adapter's input only. Unlike the official code, A₀, B₀ are real copies (it
+    aliases them to A, B, so on CPU ΔW stays 0), w is computed once here (so merge and unmerge
+    are exact inverses) and the forward pass never builds the (out, in) matrix (see `term`).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, lam: float, dropout: float = 0.0):
+        super().__init__(base, r, dropout)
+        W = base.weight
+        A, B = _kaiming(r, base.in_features), _kaiming(base.out_features, r)
+        self.A = nn.Parameter(A.to(W))
+        self.B = nn.Parameter(B.to(W))
+        self.lam = nn.Parameter(torch.tensor(float(lam), device=W.device))
+        self.register_buffer("A0", A.clone().to(W))  # clone: never a view of the trained A
+        self.register_buffer("B0", B.clone().to(W))
+        self.register_buffer("w", W.detach().float().norm(dim=0).to(W))  # (in,), fixed now
+
+    @staticmethod
+    def xi(A, B):
+        """The diagonal of Ξ: 1 / (‖b_i‖ ‖a_i‖), shape (r,)."""
+        return 1.0 / (B.norm(dim=0).clamp_min(NORM_EPS) * A.norm(dim=1).clamp_min(NORM_EPS))
+
+    def delta_weight(self):
+        """ΔW = (λ / r) · (B Ξ A − B₀ Ξ₀ A₀) ⊙ w, written literally: the readable definition."""
+        A, B, A0, B0, lam, r, w = self.A, self.B, self.A0, self.B0, self.lam, self.r, self.w
+        Xi, Xi0 = torch.diag(self.xi(A, B)), torch.diag(self.xi(A0, B0))   # (r, r)
+        return (lam / r) * (B @ Xi @ A - B0 @ Xi0 @ A0) * w                # (out, in)
+
+    def term(self, x, A, B):
+        """(λ/r) B Ξ A (x ⊙ w) as three thin products, O(tokens·d·r); w is folded into A.
+        Ξ is computed in fp32 (the parameters' dtype), also under bf16 autocast."""
+        scale = (self.lam / self.r) * self.xi(A, B)                        # (r,)
+        return ((x @ (A * self.w).T) * scale) @ B.T                        # (..., r) -> (..., out)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        # The same as y + x @ delta_weight().T, without ever building the (out, in) matrix.
+        # Two separate terms (not one rank-2r product) so that at init they cancel exactly.
+        x = self.dropout(x)
+        return y + (self.term(x, self.A, self.B) - self.term(x, self.A0, self.B0))
+
+
+class LoRALinear(AdapterLinear):
+    """The LoRA baseline (Hu et al., 2021; paper Eq. 1): h = W x + b + (α/r) B A x, with A
+    kaiming-uniform and B = 0, so the layer starts as the pretrained one."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, r, dropout)
+        self.scale = alpha / r
+        self.A = nn.Parameter(_kaiming(r, base.in_features).to(base.weight))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r).to(base.weight))
+
+    def delta_weight(self):
+        return self.scale * (self.B @ self.A)                               # (out, in)
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + (self.dropout(x) @ self.A.T) @ self.B.T * self.scale
+
+
+ADAPTERS = {"delora": DeLoRALinear, "lora": LoRALinear}
+
+
+def add_adapters(model, method="delora", targets=("query", "value"), r=8, lam=4.0, alpha=8.0,
+                 dropout=0.0, head="classifier"):
+    """Wrap every nn.Linear whose name ends in one of `targets` (outside the head) with a
+    DeLoRA (λ = lam) or LoRA (α = alpha) adapter, and freeze everything except the adapters
+    and the head. Returns the model; its parameter counts are in `count_parameters(model)`."""
+    if method not in ADAPTERS:
+        raise ValueError(f"unknown method {method!r}; valid: {list(ADAPTERS)}")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and n.split(".")[-1] in targets and not n.startswith(head + ".")]
+    if not names:
+        raise ValueError(f"no nn.Linear named {list(targets)} found outside the head")
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        scale = lam if method == "delora" else alpha
+        setattr(parent, child, ADAPTERS[method](base, r, scale, dropout))
+    model.get_submodule(head).requires_grad_(True)
+    model.adapter_config = dict(method=method, targets=list(targets), r=r, lam=lam,
+                                alpha=alpha, dropout=dropout, head=head)
+    return model
+
+
+def adapters(model):
+    """(name, module) for every adapter layer in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def count_parameters(model, head="classifier"):
+    """Trainable parameters without the head (the paper's "0.3M": A, B, λ), with it, and all."""
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    adapter = sum(v for n, v in trainable.items() if not n.startswith(head + "."))
+    return dict(adapter=adapter, trainable=sum(trainable.values()),
+                total=sum(p.numel() for p in model.parameters()))
+
+
+def adapter_state_dict(model, head="classifier"):
+    """Everything that turns the pretrained checkpoint into the fine-tuned model: each adapter's
+    tensors (A, B, λ, and for DeLoRA A₀, B₀, w; not the frozen base) and the head."""
+    state = {}
+    for name, module in adapters(model):
+        if module.merged:
+            raise RuntimeError(f"{name} is merged; unmerge before saving the adapter")
+        for key, t in module.state_dict().items():
+            if not key.startswith("base."):
+                state[f"{name}.{key}"] = t.detach().clone()
+    for key, t in model.get_submodule(head).state_dict().items():
+        state[f"{head}.{key}"] = t.detach().clone()
+    return state
+
+
+def load_adapter_state_dict(model, state):
+    """Load `adapter_state_dict` output into a model prepared with the same add_adapters
+    settings; a different method, target set or rank is an error naming the keys."""
+    wanted = adapter_state_dict(model)
+    missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    if missing or extra:
+        raise ValueError("adapter does not fit this model (other method or targets?): "
+                         f"missing {missing[:4]}, unexpected {extra[:4]}")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in wanted.items()
+           if state[k].shape != t.shape]
+    if bad:
+        raise ValueError(f"adapter shapes differ (other rank?): {bad[:4]}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def merge_adapters(model):
+    """Fold every adapter into its base layer and put the plain nn.Linear back: the result is
+    an ordinary model whose state dict matches the pretrained checkpoint's layout."""
+    for name, module in adapters(model):
+        if not module.merged:
+            module.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.base)
+    return model

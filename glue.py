@@ -1,0 +1,271 @@
+"""The eight GLUE tasks on the revisited splits of RED (Wu et al., 2024), as DeLoRA reports them:
+train on GLUE train; cut GLUE validation into a new validation set (model selection) and a new
+test set (reporting). Data come from the hub (`nyu-mll/glue`), a `save_to_disk` folder, or the
+classic GLUE TSV files; metrics are numpy/scipy re-implementations of scikit-learn's.
+
+    train, val, test = load_glue("rte", seed=42)                  # 2490 / 138 / 139 examples
+    compute_metrics("cola", preds, labels)  # {'matthews_correlation': ...}
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Task:
+    text_keys: tuple         # text columns, as in the hub dataset nyu-mll/glue
+    num_labels: int          # 1 = regression
+    metrics: tuple           # the first one selects the model
+    val_split: str           # the hub split used as GLUE validation
+    folder: str              # folder in the classic GLUE distribution (glue_data/...)
+    tsv_columns: tuple       # TSV columns holding the texts, then the label
+    label_names: tuple = ()  # TSV label strings, in the order of the hub's label ids
+    dev_file: str = "dev.tsv"
+    tsv_header: tuple = ()   # column names for a TSV without a header line (CoLA)
+
+
+TASKS = {
+    "mnli": Task(("premise", "hypothesis"), 3, ("accuracy",), "validation_matched", "MNLI",
+                 ("sentence1", "sentence2", "gold_label"),
+                 ("entailment", "neutral", "contradiction"), dev_file="dev_matched.tsv"),
+    "sst2": Task(("sentence",), 2, ("accuracy",), "validation", "SST-2", ("sentence", "label")),
+    "mrpc": Task(("sentence1", "sentence2"), 2, ("accuracy", "f1"), "validation", "MRPC",
+                 ("#1 String", "#2 String", "Quality")),
+    "cola": Task(("sentence",), 2, ("matthews_correlation",), "validation", "CoLA",
+                 ("sentence", "label"),
+                 tsv_header=("source", "label", "original_label", "sentence")),
+    "qnli": Task(("question", "sentence"), 2, ("accuracy",), "validation", "QNLI",
+                 ("question", "sentence", "label"), ("entailment", "not_entailment")),
+    "qqp": Task(("question1", "question2"), 2, ("accuracy", "f1"), "validation", "QQP",
+                ("question1", "question2", "is_duplicate")),
+    "rte": Task(("sentence1", "sentence2"), 2, ("accuracy",), "validation", "RTE",
+                ("sentence1", "sentence2", "label"), ("entailment", "not_entailment")),
+    "stsb": Task(("sentence1", "sentence2"), 1, ("pearson", "spearmanr"), "validation", "STS-B",
+                 ("sentence1", "sentence2", "score")),
+}
+LARGE_TASKS = ("mnli", "qnli", "qqp")  # their new validation set is 1000 examples
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+def revisited_split(task, n, seed):
+    """Indices of the new validation and test sets among the n GLUE validation examples.
+
+    Permute with numpy.random.RandomState(seed); mnli/qnli/qqp: the first 1000 -> validation,
+    the rest -> test; the others are halved, the first int(n/2) -> validation -- except cola,
+    where (as in the official code) the first half is the test set. The split changes with the
+    seed. E.g. rte, n=277 -> 138 validation / 139 test; cola, n=1043 -> 522 / 521.
+    """
+    get_task(task)
+    perm = np.random.RandomState(seed).permutation(n)
+    if task in LARGE_TASKS:
+        return perm[:1000], perm[1000:]
+    half = int(n / 2)
+    if task == "cola":
+        return perm[half:], perm[:half]
+    return perm[:half], perm[half:]
+
+
+def load_glue(task, seed, data=None):
+    """(train, val, test) as `datasets.Dataset`s with the hub's columns (texts, label, idx).
+
+    data=None: the hub dataset nyu-mll/glue (cached by `datasets`). data=DIR: a local copy,
+    either a `save_to_disk` folder or the classic GLUE TSV files; DIR may be the root holding
+    one folder per task (rte/ or RTE/) or the task's own folder.
+    """
+    spec = get_task(task)
+    if data is None:
+        import datasets
+        try:
+            glue = datasets.load_dataset("nyu-mll/glue", task)
+        except Exception as e:  # offline, most often
+            raise FileNotFoundError(
+                f"could not load nyu-mll/glue/{task} from the hub ({type(e).__name__}); offline, "
+                f"pass a local copy with --data (GLUE TSV files or a save_to_disk folder)") from e
+        train, dev = glue["train"], glue[spec.val_split]
+    else:
+        train, dev = _load_local(task, Path(data))
+    val_idx, test_idx = revisited_split(task, len(dev), seed)
+    return train, dev.select(val_idx), dev.select(test_idx)
+
+
+def _load_local(task, root):
+    spec = TASKS[task]
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    for folder in (root / task, root / spec.folder, root):
+        if (folder / "dataset_dict.json").is_file():
+            import datasets
+            d = datasets.load_from_disk(str(folder))
+            for split in ("train", spec.val_split):
+                if split not in d:
+                    raise FileNotFoundError(f"{folder} (save_to_disk) has no split {split!r}; "
+                                            f"it has {list(d)}")
+            return d["train"], d[spec.val_split]
+        if (folder / "train.tsv").is_file() or (folder / spec.dev_file).is_file():
+            return (read_tsv(task, folder / "train.tsv"), read_tsv(task, folder / spec.dev_file))
+    raise FileNotFoundError(f"no {task} data under {root}: looked for dataset_dict.json "
+                            f"(save_to_disk) or {spec.folder}/train.tsv and {spec.dev_file}")
+
+
+def read_tsv(task, path):
+    """One classic GLUE TSV file -> Dataset with the hub's columns and label ids, rows in order.
+
+    subtle: the files are raw TSV -- no CSV quoting, although some fields begin with `"` --
+    so we split each line on tabs. MRPC starts with a BOM (utf-8-sig), CoLA has no header,
+    SST-2 keeps its space before the tab (as the hub does), CoLA/dev.tsv has no final newline.
+    """
+    import datasets
+    spec = TASKS[task]
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    header = list(spec.tsv_header) or lines.pop(0).split("\t")
+    first = 1 if spec.tsv_header else 2  # file line number of the first data row
+    missing = [c for c in spec.tsv_columns if c not in header]
+    if missing:
+        raise ValueError(f"{path}: no column {missing} in header {header} (is it {task}?)")
+    cols = [header.index(c) for c in spec.tsv_columns]
+    rows = {k: [] for k in spec.text_keys + ("label",)}
+    for i, line in enumerate(lines):
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise ValueError(f"{path}, line {i + first}: {len(fields)} fields, "
+                             f"expected {len(header)}")
+        for key, c in zip(spec.text_keys, cols):
+            rows[key].append(fields[c])
+        rows["label"].append(_label(spec, fields[cols[-1]], path, i + first))
+    rows["idx"] = list(range(len(lines)))
+    return datasets.Dataset.from_dict(rows)
+
+
+def _label(spec, text, path, line):
+    try:
+        if spec.num_labels == 1:
+            return float(text)
+        return spec.label_names.index(text) if spec.label_names else int(text)
+    except ValueError:
+        raise ValueError(f"{path}, line {line}: bad label {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and batching
+
+@dataclass
+class Encoded:
+    """A tokenized split: token ids and type ids per example (unpadded), and the labels."""
+    ids: list
+    type_ids: list
+    labels: np.ndarray
+
+    def __len__(self):
+        return len(self.ids)
+
+    @property
+    def lengths(self):
+        return np.array([len(x) for x in self.ids])
+
+    def batch(self, idx, pad_id):
+        """Examples idx -> padded tensors, (B, T) with T the longest of the batch."""
+        T = max(len(self.ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(idx), T), dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(self.ids[i])
+            input_ids[row, :n] = torch.tensor(self.ids[i])
+            token_type_ids[row, :n] = torch.tensor(self.type_ids[i])
+            attention_mask[row, :n] = 1
+        return dict(input_ids=input_ids, attention_mask=attention_mask,
+                    token_type_ids=token_type_ids, labels=torch.from_numpy(self.labels[idx]))
+
+
+def encode(task, dataset, tokenizer):
+    """Tokenize a split once, with the tokenizers batch API (pairs for two-text tasks)."""
+    spec = get_task(task)
+    columns = [dataset[k] for k in spec.text_keys]
+    texts = columns[0] if len(columns) == 1 else list(zip(*columns))
+    enc = tokenizer.encode_batch(texts)
+    dtype = np.float32 if spec.num_labels == 1 else np.int64
+    return Encoded([e.ids for e in enc], [e.type_ids for e in enc],
+                   np.asarray(dataset["label"], dtype=dtype))
+
+
+def batch_order(lengths, batch_size, rng=None, group_by_length=False, chunk=50):
+    """Split example indices into batches.
+
+    rng=None: in order (evaluation). Otherwise shuffled with the numpy RandomState `rng`;
+    group_by_length also sorts by length within chunks of `chunk` batches and shuffles the
+    batches, so each batch holds similar lengths (less padding) but the order stays random.
+    """
+    n = len(lengths)
+    idx = np.arange(n) if rng is None else rng.permutation(n)
+    if group_by_length and rng is not None:
+        size = chunk * batch_size
+        idx = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                              for c in np.split(idx, range(size, n, size))])
+    batches = [idx[i:i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length and rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (equal to scikit-learn's / scipy's, checked by the tests)
+
+def accuracy(preds, labels):
+    """Fraction correct: [1, 0, 1, 1] vs [1, 1, 1, 0] -> 0.5."""
+    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+
+
+def f1(preds, labels):
+    """Binary F1 of class 1, 2·TP / (2·TP + FP + FN); 0 when there is no positive at all.
+    [1, 0, 1, 1] vs [1, 1, 1, 0]: TP 2, FP 1, FN 1 -> 4 / 6 = 0.667."""
+    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
+    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+def matthews_correlation(preds, labels):
+    """Matthews correlation (the multi-class form scikit-learn uses); 0 when either side is
+    constant, not NaN. [1, 0, 1, 1] vs [1, 1, 1, 0]: TP 2, TN 0, FP 1, FN 1 ->
+    (2·0 − 1·1) / sqrt(3·3·1·1) = −1/3."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    classes = np.union1d(y, p)
+    C = (y[:, None] == classes).T.astype(np.float64) @ (p[:, None] == classes)  # confusion
+    t, q, c, s = C.sum(1), C.sum(0), np.trace(C), C.sum()
+    cov_yp, cov_pp, cov_yy = c * s - t @ q, s * s - q @ q, s * s - t @ t
+    return float(cov_yp / np.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp else 0.0
+
+
+def pearson(preds, labels):
+    """Pearson's r (scipy.stats.pearsonr): [1, 2, 3] vs [2, 4, 7] -> 0.993."""
+    from scipy.stats import pearsonr
+    return float(pearsonr(np.asarray(preds, np.float64), np.asarray(labels, np.float64))[0])
+
+
+def spearmanr(preds, labels):
+    """Spearman's rank correlation (scipy.stats.spearmanr): [1, 2, 3] vs [2, 4, 7] -> 1.0."""
+    from scipy.stats import spearmanr as spearman
+    return float(spearman(np.asarray(preds, np.float64), np.asarray(labels, np.float64))[0])
+
+
+METRICS = {f.__name__: f for f in (accuracy, f1, matthews_correlation, pearson, spearmanr)}
+
+
+def compute_metrics(task, preds, labels):
+    """The task's metrics, selection metric first: {'accuracy': ..., 'f1': ...} for mrpc.
+    preds are class ids (classification) or scores (stsb)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    return {m: METRICS[m](preds, labels) for m in get_task(task).metrics}

@@ -1,0 +1,380 @@
+"""A compact RoBERTa (and BERT) encoder with a sequence-classification head.
+
+Mirrors Hugging Face's `RobertaForSequenceClassification` / `BertForSequenceClassification`
+(transformers/models/roberta/modeling_roberta.py) module for module, so that real checkpoints load
+and give the same logits, in a file you can read next to the paper. BERT-family checkpoints
+(bert-base-uncased, MiniLM) use the same classes; what differs is read from config.json.
+
+    model = from_pretrained("FacebookAI/roberta-base", num_labels=2)
+    tokenizer = load_tokenizer("FacebookAI/roberta-base")
+    logits = model(input_ids, attention_mask)            # (batch, num_labels)
+"""
+import json
+import re
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")  # positions offset by pad id, as RoBERTa
+BERT_TYPES = ("bert",)
+GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> approx
+
+
+@dataclass
+class RobertaConfig:
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072              # feed-forward width
+    max_position_embeddings: int = 514         # 512 tokens + the pad_id + 1 offset
+    type_vocab_size: int = 1                   # RoBERTa has one token type, BERT two
+    pad_token_id: int = 1
+    layer_norm_eps: float = 1e-5
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None    # None: use hidden_dropout_prob (as HF)
+    hidden_act: str = "gelu"                   # exact (erf) GELU
+    initializer_range: float = 0.02            # std of a new head's weights
+    model_type: str = "roberta"                # "bert": positions from 0, pooler-style head
+    num_labels: int = 2                        # 1 = regression (STS-B)
+
+    @classmethod
+    def from_dict(cls, d, **overrides):
+        """Build from a Hugging Face config.json dict; keys we do not model are ignored."""
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"unknown config field(s) {bad}; valid: {sorted(names)}")
+        config = cls(**{k: v for k, v in {**d, **overrides}.items() if k in names})
+        if config.model_type not in ROBERTA_TYPES + BERT_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                             f"valid: {list(ROBERTA_TYPES + BERT_TYPES)}")
+        if config.hidden_act not in GELUS:
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; "
+                             f"valid: {list(GELUS)}")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only position_embedding_type 'absolute' is supported")
+        if config.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {config.num_labels}")
+        return config
+
+    @property
+    def is_roberta(self):
+        return self.model_type in ROBERTA_TYPES
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.pad_id, self.is_roberta = cfg.pad_token_id, cfg.is_roberta
+
+    def forward(self, input_ids, token_type_ids):
+        B, T = input_ids.shape  # batch, sequence length
+        if self.is_roberta:
+            # RoBERTa (fairseq) counts positions over real tokens only, starting at pad_id + 1;
+            # pad tokens sit at position pad_id. So a sentence gets the same positions however
+            # much padding follows it, and position embedding rows 0..pad_id are never used
+            # for text -- which is why roberta-base has 514 = 512 + 2 positions.
+            not_pad = input_ids.ne(self.pad_id).int()                    # (B, T)
+            positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
+        else:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)  # BERT: from 0
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(positions))                     # (B, T, C)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention plus its output projection and post-LayerNorm residual.
+    HF splits this into `attention.self` (query, key, value) and `attention.output`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.dense = nn.Linear(C, C)
+        self.LayerNorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, mask):
+        B, T, C = x.shape  # batch, sequence length, hidden size
+        def heads(t):  # (B, T, C) -> (B, nh, T, hs)
+            return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # mask: (B, 1, 1, T) bool, True = attend; broadcast over heads and queries, so no
+        # (T x T) mask is materialized. None (no padding) lets SDPA pick the flash kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)                          # (B, T, C)
+        return self.LayerNorm(x + self.dropout(self.dense(y)))
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm transformer block: attention, then a GELU feed-forward."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention = SelfAttention(cfg)
+        self.intermediate = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.approximate = GELUS[cfg.hidden_act]
+
+    def forward(self, x, mask):
+        x = self.attention(x, mask)
+        h = F.gelu(self.intermediate(x), approximate=self.approximate)  # (B, T, 4C)
+        return self.LayerNorm(x + self.dropout(self.output(h)))
+
+
+class ClassificationHead(nn.Module):
+    """On the first token (<s> / [CLS]): dropout -> dense -> tanh -> dropout -> out_proj.
+    For BERT, `dense` is the pooler and there is no first dropout, exactly as in HF."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.first_dropout = self.dropout if cfg.is_roberta else nn.Identity()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, hidden):
+        x = hidden[:, 0]                                                 # (B, C)
+        x = torch.tanh(self.dense(self.first_dropout(x)))
+        return self.out_proj(self.dropout(x))                            # (B, num_labels)
+
+
+class RobertaClassifier(nn.Module):
+    def __init__(self, cfg: RobertaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.classifier = ClassificationHead(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        # What HF does for weights a checkpoint does not provide (in practice: a new head).
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
+        """The encoder's last hidden states, (batch, seq, hidden)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids, token_type_ids)                   # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """input_ids, attention_mask (1 = token, 0 = pad): (B, T) -> logits (B, num_labels)."""
+        return self.classifier(self.encode(input_ids, attention_mask, token_type_ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints. Our module tree is HF's, with each layer flattened; this is the whole difference.
+
+LAYER_KEYS = {  # inside encoder.layer.N, checkpoint name -> ours (inside layers.N)
+    "attention.self.query": "attention.query",
+    "attention.self.key": "attention.key",
+    "attention.self.value": "attention.value",
+    "attention.output.dense": "attention.dense",
+    "attention.output.LayerNorm": "attention.LayerNorm",
+    "intermediate.dense": "intermediate",
+    "output.dense": "output",
+    "output.LayerNorm": "LayerNorm",
+}
+HEAD_KEYS = {  # the sequence-classification head, checkpoint name -> ours
+    "roberta": {"classifier.dense": "classifier.dense", "classifier.out_proj": "classifier.out_proj"},
+    "bert": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
+}
+IGNORED = re.compile(r"^(lm_head\.|cls\.|pooler\.|.*position_ids$)")  # pretraining heads, buffers
+
+
+def checkpoint_key(key, cfg, to_ours=True):
+    """Map one parameter name between a HF checkpoint and our model (to_ours=False: back).
+
+    roberta.encoder.layer.3.attention.self.query.weight <-> layers.3.attention.query.weight
+    roberta.embeddings.LayerNorm.gamma                   -> embeddings.LayerNorm.weight
+    bert.pooler.dense.bias                              <-> classifier.dense.bias   (BERT)
+    Returns None for a checkpoint key that has no place in our model.
+    """
+    prefix = "roberta." if cfg.is_roberta else "bert."
+    head = HEAD_KEYS["roberta" if cfg.is_roberta else "bert"]
+    module, _, leaf = key.rpartition(".")
+    if to_ours:
+        module = module.removeprefix("roberta.").removeprefix("bert.")
+        leaf = {"gamma": "weight", "beta": "bias"}.get(leaf, leaf)  # old LayerNorm names
+        if module in head:
+            return f"{head[module]}.{leaf}"
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", module)
+        if m and m.group(2) in LAYER_KEYS:
+            return f"layers.{m.group(1)}.{LAYER_KEYS[m.group(2)]}.{leaf}"
+        return f"{module}.{leaf}" if module.startswith("embeddings.") else None
+    # Back to the checkpoint's names: the same tables, read the other way.
+    for theirs, ours in head.items():
+        if module == ours:  # the BERT pooler lives inside the encoder's prefix
+            return (prefix if theirs.startswith("pooler.") else "") + f"{theirs}.{leaf}"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
+    if m:
+        inner = {v: k for k, v in LAYER_KEYS.items()}[m.group(2)]
+        return f"{prefix}encoder.layer.{m.group(1)}.{inner}.{leaf}"
+    return f"{prefix}{module}.{leaf}"
+
+
+def load_checkpoint_state(model, state):
+    """Copy a HF state dict into `model`: errors on missing/mis-shaped encoder weights, warns on
+    keys we do not know. Returns the names of head parameters left newly initialized."""
+    cfg, ours = model.config, model.state_dict()
+    mapped, unexpected = {}, []
+    for key, tensor in state.items():
+        name = checkpoint_key(key, cfg)
+        if name in ours:
+            mapped[name] = tensor
+        elif not IGNORED.match(key.removeprefix("roberta.").removeprefix("bert.")):
+            unexpected.append(key)
+    # A checkpoint's head is used only with the same number of labels; otherwise the head is
+    # new, except that a BERT pooler still initializes the dense layer (as HF does).
+    out_proj = mapped.get("classifier.out_proj.weight")
+    if out_proj is None or out_proj.shape != ours["classifier.out_proj.weight"].shape:
+        drop = "classifier." if cfg.is_roberta else "classifier.out_proj."
+        mapped = {n: t for n, t in mapped.items() if not n.startswith(drop)}
+    missing = [n for n in ours if n not in mapped and not n.startswith("classifier.")]
+    if missing:
+        raise ValueError(f"checkpoint is missing encoder weights: {missing[:8]}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    bad = [f"{n}: checkpoint {tuple(t.shape)} vs model {tuple(ours[n].shape)}"
+           for n, t in mapped.items() if t.shape != ours[n].shape]
+    if bad:
+        raise ValueError(f"shape mismatch: {'; '.join(bad[:8])}")
+    if unexpected:
+        warnings.warn(f"ignored {len(unexpected)} unexpected checkpoint key(s): {unexpected[:8]}")
+    model.load_state_dict(mapped, strict=False)
+    return [n for n in ours if n.startswith("classifier.") and n not in mapped]
+
+
+def export_state_dict(model):
+    """Our (plain, adapter-free) model's weights under the reference HF key names."""
+    return {checkpoint_key(n, model.config, to_ours=False): t.detach().contiguous()
+            for n, t in model.state_dict().items()}
+
+
+HUB_FILES = {  # what we need from a checkpoint, in order of preference
+    "config": ["config.json"],
+    "weights": ["model.safetensors", "pytorch_model.bin"],
+    "tokenizer": ["tokenizer.json", "vocab.json", "merges.txt"],
+}
+
+
+def resolve(name_or_path, kind):
+    """A local directory or a hub id -> the path of the first `kind` file (HUB_FILES) it has.
+    Hub files are fetched with huggingface_hub into its usual cache."""
+    wanted = HUB_FILES[kind]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        for f in wanted:
+            if (path / f).is_file():
+                return path / f
+        raise FileNotFoundError(f"{path} has none of {wanted}: a checkpoint directory needs "
+                                f"{' or '.join(wanted)}")
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"{name_or_path} is not a directory: pass a local checkpoint "
+                                f"directory (with {' or '.join(wanted)}) or a hub id")
+    from huggingface_hub import hf_hub_download
+    errors = []
+    for f in wanted:
+        try:
+            found = Path(hf_hub_download(name_or_path, f))
+        except Exception as e:  # offline, unknown repo, file absent: try the next, then explain
+            errors.append(f"{type(e).__name__}")
+            continue
+        if f == "vocab.json":  # byte-level BPE needs its merges too
+            hf_hub_download(name_or_path, "merges.txt")
+        return found
+    raise FileNotFoundError(
+        f"{name_or_path!r} is no local directory and {wanted[0]} could not be fetched from the "
+        f"Hugging Face hub ({errors[0]}); offline, pass a local directory with "
+        f"{' or '.join(wanted)} instead")
+
+
+def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **config_overrides):
+    """A local checkpoint directory or hub id -> RobertaClassifier with its weights loaded.
+    A matching sequence-classification head in the checkpoint is loaded, else a new one made."""
+    config = json.loads(resolve(name_or_path, "config").read_text())
+    cfg = RobertaConfig.from_dict(config, num_labels=num_labels, **config_overrides)
+    weights = resolve(name_or_path, "weights")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(weights)
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    model = RobertaClassifier(cfg)
+    load_checkpoint_state(model, state)
+    return model
+
+
+def save_pretrained(model, directory, tokenizer_from=None):
+    """Write a HF checkpoint directory: config.json, model.safetensors (+ tokenizer files)."""
+    from safetensors.torch import save_file
+    cfg, directory = model.config, Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = "RobertaForSequenceClassification" if cfg.is_roberta else \
+        "BertForSequenceClassification"
+    config = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    config.update(architectures=[arch], position_embedding_type="absolute",
+                  id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
+                  label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)})
+    if cfg.num_labels == 1:
+        config["problem_type"] = "regression"
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(export_state_dict(model), directory / "model.safetensors",
+              metadata={"format": "pt"})
+    if tokenizer_from is not None:
+        for f in HUB_FILES["tokenizer"] + ["tokenizer_config.json", "special_tokens_map.json",
+                                           "vocab.txt"]:
+            src = Path(tokenizer_from) / f
+            if src.is_file():
+                (directory / f).write_bytes(src.read_bytes())
+
+
+def load_tokenizer(name_or_path="FacebookAI/roberta-base", max_length=256):
+    """The checkpoint's tokenizer (tokenizer.json, or vocab.json + merges.txt as RoBERTa's
+    byte-level BPE), set to our settings: no padding, longest-first truncation to max_length.
+    Pairs encode as `<s> A </s></s> B </s>` (RoBERTa) or `[CLS] A [SEP] B [SEP]` (BERT)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    path = resolve(name_or_path, "tokenizer")
+    if path.name == "tokenizer.json":
+        tok = Tokenizer.from_file(str(path))
+    else:
+        merges = path.parent / "merges.txt"
+        if not merges.is_file():
+            raise FileNotFoundError(f"{path.parent} has vocab.json but no merges.txt")
+        tok = Tokenizer(models.BPE.from_file(str(path), str(merges)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        vocab = tok.get_vocab()
+        specials = [t for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>") if t in vocab]
+        tok.add_special_tokens(specials)
+        tok.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]),
+                                                          ("<s>", vocab["<s>"]))
+    tok.no_padding()
+    tok.enable_truncation(max_length, strategy="longest_first")
+    return tok

