@@ -280,14 +280,14 @@ def export_state_dict(model):
 HUB_FILES = {  # what we need from a checkpoint, in order of preference
     "config": ["config.json"],
     "weights": ["model.safetensors", "pytorch_model.bin"],
-    "tokenizer": ["tokenizer.json", "vocab.json", "merges.txt"],
+    "tokenizer": ["tokenizer.json", "vocab.json"],  # vocab.json comes with merges.txt
 }
 
 
 def resolve(name_or_path, kind):
     """A local directory or a hub id -> the path of the first `kind` file (HUB_FILES) it has.
     Hub files are fetched with huggingface_hub into its usual cache."""
-    wanted = HUB_FILES[kind]
+    wanted, name_or_path = HUB_FILES[kind], str(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         for f in wanted:
@@ -348,8 +348,8 @@ def save_pretrained(model, directory, tokenizer_from=None):
     save_file(export_state_dict(model), directory / "model.safetensors",
               metadata={"format": "pt"})
     if tokenizer_from is not None:
-        for f in HUB_FILES["tokenizer"] + ["tokenizer_config.json", "special_tokens_map.json",
-                                           "vocab.txt"]:
+        for f in HUB_FILES["tokenizer"] + ["merges.txt", "tokenizer_config.json",
+                                           "special_tokens_map.json", "vocab.txt"]:
             src = Path(tokenizer_from) / f
             if src.is_file():
                 (directory / f).write_bytes(src.read_bytes())
@@ -371,8 +371,8 @@ def load_tokenizer(name_or_path="FacebookAI/roberta-base", max_length=256):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         vocab = tok.get_vocab()
-        specials = [t for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>") if t in vocab]
-        tok.add_special_tokens(specials)
+        tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+                                if t in vocab])
         tok.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]),
                                                           ("<s>", vocab["<s>"]))
     tok.no_padding()
