@@ -85,7 +85,7 @@ class TrainConfig:
     def overrides(self):
         """The settings that differ from this task's defaults: what names a row in a report."""
         default = TrainConfig(self.task, self.seed, method=self.method)
-        skip = {"task", "seed", "out_dir", "device", "overwrite", "save_merged", "data",
+        skip = {"task", "seed", "model", "out_dir", "device", "overwrite", "save_merged", "data",
                 "eval_batch_size"} | ({"lam", "lam_lr"} if self.method == "lora" else {"alpha"})
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip
                 and getattr(self, f.name) != getattr(default, f.name)}
@@ -104,11 +104,14 @@ class TrainConfig:
             name += "_bf16"
         return f"{name}_seed{self.seed}"
 
-    def run_dir(self):
-        """<out_dir>/<model>/<task>: the model as its hub id, or a local path's last two parts."""
+    def model_tag(self):
+        """The model as its hub id, or a local path's last two parts: FacebookAI_roberta-base."""
         path = Path(self.model)
         tag = "_".join(path.resolve().parts[-2:]) if path.is_dir() else self.model
-        return Path(self.out_dir) / tag.replace("/", "_") / self.task
+        return tag.replace("/", "_")
+
+    def run_dir(self):
+        return Path(self.out_dir) / self.model_tag() / self.task
 
 
 class UsageError(Exception):
@@ -372,12 +375,12 @@ def _cell(values):
     return f"{v.mean():.1f} ± {std:.1f} ({len(v)})"
 
 
-def _row_name(run):
-    s = run["settings"]
-    model = Path(s["model"]).name if Path(s["model"]).is_dir() else s["model"]
+def _row_name(run, ignore=()):
+    """'<model> <method> (<settings that differ from the task's defaults>)'."""
+    cfg = TrainConfig(**run["settings"])
     extra = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in sorted(run["overrides"].items()))
-    return f"{model} {s['method']}" + (f" ({extra})" if extra else "")
+                      for k, v in sorted(cfg.overrides().items()) if k not in ignore)
+    return f"{cfg.model_tag()} {cfg.method}" + (f" ({extra})" if extra else "")
 
 
 def report(out_dir):
@@ -408,7 +411,7 @@ def report(out_dir):
                  for t, v in zip(TASKS, row) if v]
     text = "\n".join(lines) + "\n"
     text += "\ntest metric at the best validation epoch, x100: mean ± std (seeds)\n"
-    sweep = [r for r in done if "lr_mult" in r["overrides"]]
+    sweep = [r for r in done if r["settings"]["lr_mult"] != 1]
     if sweep:
         text += "\n" + _robustness_table(done) + "\n"
     if unfinished:
@@ -421,9 +424,7 @@ def _robustness_table(done):
     """Test metric vs learning-rate multiplier, one row per task and method."""
     cells = {}
     for r in done:
-        rest = {k: v for k, v in r["overrides"].items() if k != "lr_mult"}
-        run = dict(r, overrides=rest)
-        cells.setdefault((r["task"], _row_name(run)), {}).setdefault(
+        cells.setdefault((r["task"], _row_name(r, ignore=("lr_mult",))), {}).setdefault(
             r["settings"]["lr_mult"], []).append(r["test"][r["metric"]])
     mults = sorted({m for per in cells.values() for m in per})
     lines = ["| task | method | " + " | ".join(f"lr x{m:g}" for m in mults) + " |",
