@@ -740,11 +740,11 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
     fake_run(tmp_path, "rte", 42, 0.5, method="lora")
     text, data = train.report(tmp_path)
     rows = {(r["name"], r["task"]): r for r in data["rows"]}
-    rte = rows[("FacebookAI/roberta-base delora", "rte")]
+    rte = rows[("FacebookAI_roberta-base delora", "rte")]
     assert rte["n"] == 3 and rte["mean"] == pytest.approx(0.74)
     assert rte["std"] == pytest.approx(0.04)
     assert "74.0 ± 4.0 (3)" in text and "90.0 ± 0.0 (1)" in text
-    assert "| FacebookAI/roberta-base delora | - | - | - | - | - | - | 74.0 ± 4.0 (3) |" in text
+    assert "| FacebookAI_roberta-base delora | - | - | - | - | - | - | 74.0 ± 4.0 (3) |" in text
     assert "82.0 (2 tasks)" in text
     assert "| DeLoRA (paper) | 87.2 | 94.1 | 89.0 | 63.6 | 92.8 | 90.1 | 77.1 | 90.9 | 85.6 |" in text
     assert "| LoRA (paper) |" in text and "50.0 ± 0.0 (1)" in text
@@ -762,7 +762,7 @@ def test_report_robustness_table(tmp_path):
         fake_run(tmp_path, "rte", 42, v - 0.1, method="lora", lr_mult=m)
     text, _ = train.report(tmp_path)
     assert "| task | method | lr x0.25 | lr x1 | lr x8 |" in text
-    assert "| rte | FacebookAI/roberta-base delora | 60.0 ± 0.0 (1) | 70.0 ± 0.0 (1) | " \
+    assert "| rte | FacebookAI_roberta-base delora | 60.0 ± 0.0 (1) | 70.0 ± 0.0 (1) | " \
            "50.0 ± 0.0 (1) |" in text
 
 
@@ -814,3 +814,10 @@ def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
     capsys.readouterr()
     train.main(["--predict", str(run_json), "A man eats.", "A man is eating."])
     assert json.loads(capsys.readouterr().out)["prediction"] == pytest.approx(scores[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(ckpt, glue_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
+        run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--device", "cuda",
+                "--out-dir", tmp_path)

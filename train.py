@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from delora import add_adapters, adapter_state_dict, count_parameters, load_adapter_state_dict
 from delora import merge_adapters
-from glue import TASKS, batch_order, compute_metrics, encode, get_task, load_glue
+from glue import TASKS, Encoded, batch_order, compute_metrics, encode, get_task, load_glue
 from roberta import from_pretrained, load_tokenizer, resolve, save_pretrained
 
 # The paper's Table 9 (v2) = the official glue_eval.sh (which lacks MRPC: taken from the table).
@@ -129,6 +130,10 @@ def seed_everything(seed):
 
 
 def pick_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; try cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; try cpu or auto")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -214,9 +219,9 @@ def build_model(cfg, num_labels):
                         lam=cfg.lam, alpha=cfg.alpha, dropout=cfg.dropout)
 
 
-def save_adapter(model, path, cfg):
+def save_adapter(state, path, cfg):
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(path),
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
               metadata={"config": json.dumps(asdict(cfg))})
 
 
@@ -274,8 +279,10 @@ def train(cfg: TrainConfig):
             train_loss = run_epoch(forward, optimizer, scheduler, enc["train"], batches, pad_id,
                                    device, cfg, epoch, step)
             step += len(batches)
+            train_s = time.time() - t0
             val = evaluate(cfg.task, model, enc["val"], pad_id, device, cfg)
             record = dict(epoch=epoch, train_loss=train_loss, val=val,
+                          examples_per_s=round(len(lengths) / train_s, 1),
                           seconds=round(time.time() - t0, 2))
             with open(log_path, "a") as f:
                 f.write(f"epoch {epoch}: {val}\n")
@@ -285,7 +292,7 @@ def train(cfg: TrainConfig):
                 record["test"] = evaluate(cfg.task, model, enc["test"], pad_id, device, cfg)
                 summary.update(best_epoch=epoch, val=val, test=record["test"])
                 best_state = adapter_state_dict(model)
-                save_adapter(model, adapter_path, cfg)
+                save_adapter(best_state, adapter_path, cfg)
                 with open(test_path, "a") as f:
                     f.write(f"epoch {epoch}: {record['test']}\n")
             summary["epochs"].append(record)
@@ -295,7 +302,8 @@ def train(cfg: TrainConfig):
                   + "  ".join(f"{k} {v:.4f}" for k, v in val.items())
                   + f"  | best epoch {summary['best_epoch']}: test "
                   + "  ".join(f"{k} {v:.4f}" for k, v in (summary["test"] or {}).items())
-                  + f"  ({record['seconds']:.1f}s)", flush=True)
+                  + f"  ({record['examples_per_s']:.0f} ex/s, {record['seconds']:.1f}s)",
+                  flush=True)
     except Diverged as e:
         summary.update(status="diverged", error=str(e))
         json_path.write_text(json.dumps(summary, indent=1))
@@ -317,7 +325,6 @@ def run_epoch(model, optimizer, scheduler, enc, batches, pad_id, device, cfg, ep
               log_every=10):
     """One pass over the training batches; returns the mean loss. Losses stay on the device
     and are checked (finite?) and shown every `log_every` steps: one host sync per window."""
-    from tqdm import tqdm
     window, total, n_seen, t0 = [], 0.0, 0, time.time()
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=None)  # None: no bar when the output is not a terminal
@@ -475,7 +482,6 @@ def predict_texts(model, tokenizer, task, texts, texts_b=None):
     predict_texts(model, tok, "rte", ["A man eats."], ["A man is eating."]) -> ([0], [[.9, .1]])"""
     pairs = texts if texts_b is None else list(zip(texts, texts_b))
     enc = tokenizer.encode_batch(pairs)
-    from glue import Encoded
     batch = Encoded([e.ids for e in enc], [e.type_ids for e in enc], np.zeros(len(enc))).batch(
         np.arange(len(enc)), model.config.pad_token_id)
     with torch.inference_mode():
