@@ -80,7 +80,7 @@ class DeLoRALinear(AdapterLinear):
     *current* λ (Eq. 9 writes the initial one), w is the per-column norm vector, and dropout is
     applied to the adapter's input only. Unlike the official code, A₀, B₀ are real copies (it
     aliases them to A, B, so on CPU ΔW stays 0), w is computed once here (so merge and unmerge
-    are exact inverses) and the forward pass never builds the (out, in) matrix (see `term`).
+    are exact inverses) and the forward pass never builds the (out, in) matrix (see `factors`).
     """
 
     def __init__(self, base: nn.Linear, r: int, lam: float, dropout: float = 0.0):
@@ -105,20 +105,25 @@ class DeLoRALinear(AdapterLinear):
         Xi, Xi0 = torch.diag(self.xi(A, B)), torch.diag(self.xi(A0, B0))   # (r, r)
         return (lam / r) * (B @ Xi @ A - B0 @ Xi0 @ A0) * w                # (out, in)
 
-    def term(self, x, A, B):
-        """(λ/r) B Ξ A (x ⊙ w) as three thin products, O(tokens·d·r); w is folded into A.
-        Ξ is computed in fp32 (the parameters' dtype), also under bf16 autocast."""
-        scale = (self.lam / self.r) * self.xi(A, B)                        # (r,)
-        return ((x @ (A * self.w).T) * scale) @ B.T                        # (..., r) -> (..., out)
+    def factors(self):
+        """ΔW = up @ down, with rank 2r:  up = (λ/r)[B − B₀, B₀],  down = [Ξ A; Ξ A − Ξ₀ A₀] ⊙ w.
+        Multiplied out: (λ/r)((B − B₀) Ξ A + B₀ (Ξ A − Ξ₀ A₀)) ⊙ w = ΔW. Both blocks are exactly
+        zero at init, so the layer starts exactly at the pretrained one. Computed in the
+        parameters' dtype (fp32), also under bf16 autocast; only the products below are cast."""
+        P = self.xi(self.A, self.B)[:, None] * self.A                      # Ξ A   (r, in)
+        P0 = self.xi(self.A0, self.B0)[:, None] * self.A0                  # Ξ₀ A₀ (r, in)
+        down = torch.cat([P, P - P0]) * self.w                             # (2r, in)
+        up = torch.cat([self.B - self.B0, self.B0], dim=1) * (self.lam / self.r)  # (out, 2r)
+        return up, down
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
-        # The same as y + x @ delta_weight().T, without ever building the (out, in) matrix.
-        # Two separate terms (not one rank-2r product) so that at init they cancel exactly.
-        x = self.dropout(x)
-        return y + (self.term(x, self.A, self.B) - self.term(x, self.A0, self.B0))
+        # Equal to y + x @ delta_weight().T, but O(tokens·d·r): two thin products, never the
+        # (out, in) matrix -- (x @ down.T) is (..., 2r).
+        up, down = self.factors()
+        return y + (self.dropout(x) @ down.T) @ up.T                       # (..., out)
 
 
 class LoRALinear(AdapterLinear):
@@ -137,7 +142,8 @@ class LoRALinear(AdapterLinear):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        return self.base(x) + (self.dropout(x) @ self.A.T) @ self.B.T * self.scale
+        # The scale goes on B (out, r), not on the (..., out) output: one big multiply less.
+        return self.base(x) + (self.dropout(x) @ self.A.T) @ (self.B * self.scale).T
 
 
 ADAPTERS = {"delora": DeLoRALinear, "lora": LoRALinear}
