@@ -73,8 +73,9 @@ class DeLoRALinear(AdapterLinear):
       changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen term,
       ‖ΔW‖_F ≤ 2|λ|·max_j w_j.
     - Subtracting a frozen copy of the initial update starts training exactly at the
-      pretrained model while A and B are both random (kaiming-uniform); the paper found
-      zero-initializing B (needed by LoRA) unstable once the update is normalized (Eq. 9).
+      pretrained model while A and B are both random (kaiming-uniform), Eq. 9: zero-initializing
+      B as LoRA does would put ‖b_i‖ = 0 in Ξ's denominator, and the paper found starts from a
+      small ε unstable.
 
     Following the official code rather than the paper's text: the frozen term is scaled by the
     *current* λ (Eq. 9 writes the initial one), w is the per-column norm vector, and dropout is

@@ -142,6 +142,11 @@ def test_logits_shape_and_padding_invariance(kind, request):
         pad = lambda t, v: torch.cat([t, torch.full((3, 5), v)], 1)  # noqa: E731
         padded = model(pad(ids, model.config.pad_token_id), pad(mask, 0), pad(types, 0))
     torch.testing.assert_close(out, padded, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no mask at all = nothing is padding
+        full = torch.ones_like(mask)
+        torch.testing.assert_close(model(ids, None, types), model(ids, full, types))
+    # the BERT head (pooler, then classifier) has no dropout before its dense layer, as in HF
+    assert isinstance(model.classifier.first_dropout, nn.Identity) == (kind == "bert_ckpt")
 
 
 def test_regression_has_one_output(ckpt):
@@ -349,6 +354,43 @@ def test_delta_norm_is_bounded_by_lambda_and_column_norms():
             layer.A.copy_(torch.randn_like(layer.A) * 10 ** (step % 5))
             layer.B.copy_(torch.randn_like(layer.B) * 10 ** (step % 3))
         assert layer.delta_weight().norm() <= 2 * 3.0 * w_max * (1 + 1e-5)
+
+
+def test_normalized_update_is_bounded_by_rank_and_lambda_over_r_removes_it():
+    torch.manual_seed(0)
+    for r in (1, 4, 16):
+        A, B = torch.randn(r, 20) * 5, torch.randn(30, r) * 0.1
+        BXiA = B @ torch.diag(DeLoRALinear.xi(A, B)) @ A
+        assert BXiA.norm() <= r * (1 + 1e-5)                    # Eq. 6
+        assert (2.0 / r * BXiA).norm() <= 2.0 * (1 + 1e-5)       # Eq. 7: λ, whatever r
+
+
+def test_update_column_j_scales_with_pretrained_column_norm():
+    base = nn.Linear(5, 6)
+    scaled = nn.Linear(5, 6)
+    with torch.no_grad():
+        scaled.weight.copy_(base.weight)
+        scaled.weight[:, 2] *= 3.0
+    layers = []
+    for b in (base, scaled):
+        torch.manual_seed(0)
+        layer = DeLoRALinear(b, 3, 2.0)
+        with torch.no_grad():
+            layer.B.add_(1.0)
+        layers.append(layer)
+    d0, d1 = layers[0].delta_weight(), layers[1].delta_weight()
+    torch.testing.assert_close(d1[:, 2], 3.0 * d0[:, 2])
+    torch.testing.assert_close(d1[:, [0, 1, 3, 4]], d0[:, [0, 1, 3, 4]])
+
+
+def test_dropout_applies_to_the_adapter_input_only():
+    torch.manual_seed(0)
+    layer = DeLoRALinear(nn.Linear(5, 6), 3, 2.0, dropout=1.0)  # drops every adapter input
+    with torch.no_grad():
+        layer.B.add_(1.0)
+    x = torch.randn(4, 5)
+    assert torch.equal(layer.train()(x), layer.base(x))
+    assert not torch.allclose(layer.eval()(x), layer.base(x))
 
 
 def test_w_is_fixed_at_wrap_time_so_merge_unmerge_round_trips():
