@@ -203,7 +203,8 @@ LAYER_KEYS = {  # inside encoder.layer.N, checkpoint name -> ours (inside layers
     "output.LayerNorm": "LayerNorm",
 }
 HEAD_KEYS = {  # the sequence-classification head, checkpoint name -> ours
-    "roberta": {"classifier.dense": "classifier.dense", "classifier.out_proj": "classifier.out_proj"},
+    "roberta": {"classifier.dense": "classifier.dense",
+                "classifier.out_proj": "classifier.out_proj"},
     "bert": {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"},
 }
 IGNORED = re.compile(r"^(lm_head\.|cls\.|pooler\.|.*position_ids$)")  # pretraining heads, buffers

