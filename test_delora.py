@@ -869,3 +869,17 @@ def test_unavailable_device_is_a_clear_error(ckpt, glue_dir, tmp_path):
     with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
         run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--device", "cuda",
                 "--out-dir", tmp_path)
+
+
+def test_adapter_normalization_stays_fp32_under_bf16_autocast():
+    layer = make_layer()
+    with torch.autocast("cpu", torch.bfloat16):
+        up, down = layer.factors()
+        out = layer(torch.randn(3, 5))
+    assert up.dtype == down.dtype == torch.float32 and out.dtype == torch.bfloat16
+
+
+def test_bf16_and_group_by_length_runs_train(ckpt, glue_dir, tmp_path):
+    s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--bf16",
+                "--group-by-length", "--out-dir", tmp_path)
+    assert s["status"] == "finished" and s["run_name"].endswith("_grouped_bf16_seed0")
