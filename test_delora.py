@@ -696,6 +696,10 @@ def test_per_task_defaults_and_overrides():
         (4, 1e-2, 1e-2, 8, 80, 0.2)
     assert train.TrainConfig("mnli", 1, lr=5e-3).overrides() == {"lr": 5e-3}
     assert train.TrainConfig("rte", 1, method="lora").lr == 5e-4
+    assert train.TrainConfig("rte", 42).run_name() == \
+        "delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42"
+    assert train.TrainConfig("rte", 1).model_tag() == \
+        "FacebookAI_roberta-base"
 
 
 @pytest.mark.parametrize("args, message", [

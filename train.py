@@ -92,7 +92,7 @@ class TrainConfig:
                 and getattr(self, f.name) != getattr(default, f.name)}
 
     def run_name(self):
-        """e.g. delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0.0_len256_seed42."""
+        """e.g. delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42."""
         scale = f"lam{self.lam:g}" if self.method == "delora" else f"alpha{self.alpha:g}"
         lam_lr = f"_lamlr{self.lam_lr:g}" if self.method == "delora" else ""
         name = (f"{self.method}_r{self.r}_{scale}_lr{self.lr * self.lr_mult:g}{lam_lr}"
