@@ -795,7 +795,7 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
     assert rte["std"] == pytest.approx(0.04)
     assert "74.0 ± 4.0 (3)" in text and "90.0 ± 0.0 (1)" in text
     assert "| FacebookAI_roberta-base delora | - | - | - | - | - | - | 74.0 ± 4.0 (3) |" in text
-    assert "82.0 (2 tasks)" in text
+    assert "82.0 (2 of 8 tasks)" in text
     assert "| DeLoRA (paper) | 87.2 | 94.1 | 89.0 | 63.6 | 92.8 | 90.1 | 77.1 | 90.9 | 85.6 |" \
         in text
     assert "| LoRA (paper) |" in text and "50.0 ± 0.0 (1)" in text

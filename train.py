@@ -410,7 +410,7 @@ def report(out_dir):
         row = [cells.get((name, t)) for t in TASKS]
         means = [100 * np.mean(v) for v in row if v]
         avg = f"{np.mean(means):.1f}" + ("" if len(means) == len(TASKS) else
-                                          f" ({len(means)} tasks)")
+                                          f" ({len(means)} of {len(TASKS)} tasks)")
         lines.append(f"| {name} | " + " | ".join(_cell(v) if v else "-" for v in row)
                      + f" | {avg} |")
         rows += [dict(name=name, task=t, values=v, mean=float(np.mean(v)),
