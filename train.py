@@ -201,9 +201,9 @@ def predict(model, enc, pad_id, device, batch_size=128, bf16=False):
             logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         out.append(logits.float())
     logits = torch.cat(out).cpu()
-    preds = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
-    result = np.empty(len(order), dtype=preds.numpy().dtype)
-    result[order] = preds.numpy()
+    preds = (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).numpy()
+    result = np.empty_like(preds)
+    result[order] = preds                                     # back to the split's order
     return result
 
 
