@@ -299,20 +299,23 @@ def resolve(name_or_path, kind):
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"{name_or_path} is not a directory: pass a local checkpoint "
                                 f"directory (with {' or '.join(wanted)}) or a hub id")
-    from huggingface_hub import hf_hub_download
-    errors = []
-    for f in wanted:
-        try:
-            found = Path(hf_hub_download(name_or_path, f))
-        except Exception as e:  # offline, unknown repo, file absent: try the next, then explain
-            errors.append(f"{type(e).__name__}")
-            continue
-        if f == "vocab.json":  # byte-level BPE needs its merges too
-            hf_hub_download(name_or_path, "merges.txt")
-        return found
+    from huggingface_hub import errors, hf_hub_download
+    absent = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
+    try:
+        for f in wanted:
+            try:
+                found = Path(hf_hub_download(name_or_path, f))
+            except absent:  # the repo has no such file: try the next one
+                continue
+            if f == "vocab.json":  # byte-level BPE needs its merges too
+                hf_hub_download(name_or_path, "merges.txt")
+            return found
+        error = f"it has none of {wanted}"
+    except Exception as e:  # offline, unknown repo, ...: no point trying the other files
+        error = type(e).__name__
     raise FileNotFoundError(
         f"{name_or_path!r} is no local directory and {wanted[0]} could not be fetched from the "
-        f"Hugging Face hub ({errors[0]}); offline, pass a local directory with "
+        f"Hugging Face hub ({error}); offline, pass a local directory with "
         f"{' or '.join(wanted)} instead")
 
 

@@ -575,6 +575,8 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    from huggingface_hub.utils import logging
+    logging.set_verbosity_error()  # offline, its retry messages would bury our one-line error
     try:
         if argv[:1] == ["--report"]:
             return report_main(argv[1:])
