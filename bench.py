@@ -71,11 +71,7 @@ def time_steps(model, batches, device, bf16=False, warmup=2):
         b = train.to_device(b, device)
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        train.loss_fn(logits, b["labels"]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.train_step(model, optimizer, b, bf16)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -188,6 +188,21 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
+def logits_of(model, batch, bf16=False):
+    """The model's logits for a batch dict (from Encoded.batch), under bf16 autocast if asked."""
+    with torch.autocast(batch["input_ids"].device.type, torch.bfloat16, enabled=bf16):
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+
+
+def train_step(model, optimizer, batch, bf16=False):
+    """Forward, backward, optimizer step; returns the loss, still on the device (no sync)."""
+    loss = loss_fn(logits_of(model, batch, bf16), batch["labels"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 @torch.inference_mode()
 def predict(model, enc, pad_id, device, batch_size=128, bf16=False):
     """Predictions for an encoded split: class ids, or scores for regression. Batches are
@@ -197,9 +212,7 @@ def predict(model, enc, pad_id, device, batch_size=128, bf16=False):
     out = []
     for i in range(0, len(order), batch_size):
         batch = to_device(enc.batch(order[i:i + batch_size], pad_id), device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        out.append(logits.float())
+        out.append(logits_of(model, batch, bf16).float())
     logits = torch.cat(out).cpu()
     preds = (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).numpy()
     result = np.empty_like(preds)
@@ -329,15 +342,9 @@ def run_epoch(model, optimizer, scheduler, enc, batches, pad_id, device, cfg, ep
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=None)  # None: no bar when the output is not a terminal
     for i, idx in enumerate(bar):
-        batch = to_device(enc.batch(idx, pad_id), device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        loss = loss_fn(logits, batch["labels"])
-        loss.backward()
-        optimizer.step()
+        window.append(train_step(model, optimizer, to_device(enc.batch(idx, pad_id), device),
+                                 cfg.bf16))
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.detach())
         n_seen += len(idx)
         if len(window) == log_every or i == len(batches) - 1:
             losses = torch.stack(window).float().cpu()
@@ -485,8 +492,7 @@ def predict_texts(model, tokenizer, task, texts, texts_b=None):
     batch = Encoded([e.ids for e in enc], [e.type_ids for e in enc], np.zeros(len(enc))).batch(
         np.arange(len(enc)), model.config.pad_token_id)
     with torch.inference_mode():
-        logits = model.eval()(batch["input_ids"], batch["attention_mask"],
-                              batch["token_type_ids"]).float()
+        logits = logits_of(model.eval(), batch).float()
     if get_task(task).num_labels == 1:
         return logits.squeeze(-1).tolist(), None
     return logits.argmax(-1).tolist(), logits.softmax(-1).tolist()
