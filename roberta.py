@@ -67,6 +67,51 @@ class RobertaConfig:
     def is_roberta(self):
         return self.model_type in ROBERTA_TYPES
 
+    @property
+    def max_tokens(self):
+        """The longest sequence the position embeddings cover: roberta-base 514 - 2 = 512
+        (RoBERTa's positions start after pad_id), BERT all of them."""
+        offset = self.pad_token_id + 1 if self.is_roberta else 0
+        return self.max_position_embeddings - offset
+
+
+class Tokens:
+    """Where the real tokens of a padded (B, T) batch are, and the two moves between layouts.
+
+    The protocol draws batches in random order, so about half of a batch is padding (50 % on
+    RTE, 55 % on SST-2, bench.py). Every Linear, LayerNorm, GELU and dropout works on each
+    token alone, so the encoder runs them on the N real tokens only, as an (N, C) matrix;
+    attention, the one op that mixes tokens, gets the (B, T) layout back (as FlashAttention's
+    unpad_input / pad_input and MosaicBERT do). `rows`: the (N,) positions of the real tokens
+    in the flattened (B*T) batch, or None when every position is computed.
+    """
+
+    def __init__(self, rows, key_mask, batch, length):
+        self.rows, self.key_mask, self.batch, self.length = rows, key_mask, batch, length
+
+    @classmethod
+    def of(cls, attention_mask, B, T, keep_padding=False):
+        if attention_mask is None:  # nothing is padding
+            return cls(None, None, B, T)
+        real = attention_mask.bool()                                       # (B, T)
+        key_mask = real[:, None, None, :]                                  # (B, 1, 1, T)
+        if keep_padding:
+            return cls(None, key_mask, B, T)
+        rows = real.flatten().nonzero().squeeze(1)  # (N,): the one host sync of a forward
+        if len(rows) == B * T:  # no padding in this batch: no gather, no mask
+            return cls(None, None, B, T)
+        return cls(rows, key_mask, B, T)
+
+    def unpad(self, x):
+        """(B*T, ...) -> (N, ...): the real tokens' rows (a gather)."""
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def pad(self, x):
+        """(N, ...) -> (B*T, ...): back to every position, zeros at padding (a scatter)."""
+        if self.rows is None:
+            return x
+        return x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.rows, x)
+
 
 class Embeddings(nn.Module):
     def __init__(self, cfg):
@@ -79,7 +124,8 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.pad_id, self.is_roberta = cfg.pad_token_id, cfg.is_roberta
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids, token_type_ids, tokens):
+        """(B, T) ids -> (N, C): the embeddings of the real tokens only (see `Tokens`)."""
         B, T = input_ids.shape  # batch, sequence length
         if self.is_roberta:
             # RoBERTa (fairseq) counts positions over real tokens only, starting at pad_id + 1;
@@ -90,8 +136,10 @@ class Embeddings(nn.Module):
             positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
         else:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)  # BERT: from 0
-        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings(positions))                     # (B, T, C)
+        ids, types, positions = (tokens.unpad(t.reshape(B * T)) for t in
+                                 (input_ids, token_type_ids, positions))   # (N,) each
+        x = (self.word_embeddings(ids) + self.token_type_embeddings(types)
+             + self.position_embeddings(positions))                     # (N, C)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -109,16 +157,20 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attention_probs_dropout_prob
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, mask):
-        B, T, C = x.shape  # batch, sequence length, hidden size
-        def heads(t):  # (B, T, C) -> (B, nh, T, hs)
-            return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    def forward(self, x, tokens):
+        N, C = x.shape  # real tokens, hidden size
+        B, T, nh = tokens.batch, tokens.length, self.n_head
+
+        def heads(t):  # (N, C) -> (B*T, C), zeros at padding -> (B, nh, T, hs)
+            return tokens.pad(t).view(B, T, nh, C // nh).transpose(1, 2)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        # mask: (B, 1, 1, T) bool, True = attend; broadcast over heads and queries, so no
+        # key_mask: (B, 1, 1, T) bool, True = attend; broadcast over heads and queries, so no
         # (T x T) mask is materialized. None (no padding) lets SDPA pick the flash kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # Padded query rows are computed here and dropped just below: attention is the one
+        # place that needs the (B, T) layout.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)                          # (B, T, C)
+        y = tokens.unpad(y.transpose(1, 2).reshape(B * T, C))            # (N, C)
         return self.LayerNorm(x + self.dropout(self.dense(y)))
 
 
@@ -134,9 +186,9 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.approximate = GELUS[cfg.hidden_act]
 
-    def forward(self, x, mask):
-        x = self.attention(x, mask)
-        h = F.gelu(self.intermediate(x), approximate=self.approximate)  # (B, T, 4C)
+    def forward(self, x, tokens):
+        x = self.attention(x, tokens)                                   # (N, C)
+        h = F.gelu(self.intermediate(x), approximate=self.approximate)  # (N, 4C)
         return self.LayerNorm(x + self.dropout(self.output(h)))
 
 
@@ -174,19 +226,25 @@ class RobertaClassifier(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
-        """The encoder's last hidden states, (batch, seq, hidden)."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False):
+        """The encoder's last hidden states, (batch, seq, hidden); zeros at padding.
+
+        Only the real tokens are computed. keep_padding=True computes every position of the
+        (B, T) batch, padding included: the plain padded computation, kept as the reference
+        that the tests and bench.py compare against (equal up to float rounding)."""
+        B, T = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)                   # (B, T, C)
+        tokens = Tokens.of(attention_mask, B, T, keep_padding)
+        x = self.embeddings(input_ids, token_type_ids, tokens)             # (N, C)
         for layer in self.layers:
-            x = layer(x, mask)
-        return x
+            x = layer(x, tokens)                                           # (N, C)
+        return tokens.pad(x).view(B, T, -1)                                # (B, T, C)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False):
         """input_ids, attention_mask (1 = token, 0 = pad): (B, T) -> logits (B, num_labels)."""
-        return self.classifier(self.encode(input_ids, attention_mask, token_type_ids))
+        return self.classifier(self.encode(input_ids, attention_mask, token_type_ids,
+                                           keep_padding))
 
 
 # ----------------------------------------------------------------------------------------------
