@@ -20,8 +20,9 @@ def _kaiming(*shape):
 
 
 class AdapterLinear(nn.Module):
-    """What DeLoRA and LoRA share: a frozen `base` nn.Linear plus a low-rank update ΔW
-    (`delta_weight()`), which `merge()` folds into base.weight and `unmerge()` takes out."""
+    """What DeLoRA and LoRA share: a frozen `base` nn.Linear plus a low-rank update
+    ΔW = up @ down (`factors()`; `delta_weight()` builds it), which the forward applies as two
+    thin products, `merge()` folds into base.weight and `unmerge()` takes out."""
 
     def __init__(self, base: nn.Linear, r: int, dropout: float):
         super().__init__()
@@ -29,6 +30,23 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"rank r must be >= 1, got {r}")
         self.base, self.r, self.merged = base.requires_grad_(False), r, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        # Equal to y + x @ delta_weight().T, but O(tokens·d·r): two thin products, never the
+        # (out, in) matrix -- (x @ down.T) is (..., rank).
+        up, down = self.factors()
+        return y + (self.dropout(x) @ down.T) @ up.T                       # (..., out)
+
+    @torch.no_grad()
+    def delta_norm(self):
+        """‖ΔW‖_F from the factors, never building ΔW: ‖U V‖²_F = tr((UᵀU)(V Vᵀ)), two
+        (rank x rank) Gram matrices; in float64, as the two terms of DeLoRA's ΔW nearly cancel
+        early in training."""
+        up, down = (t.double() for t in self.factors())
+        return float((up.T @ up * (down @ down.T)).sum().clamp_min(0).sqrt())
 
     @torch.no_grad()
     def merge(self):
@@ -117,14 +135,10 @@ class DeLoRALinear(AdapterLinear):
         up = torch.cat([self.B - self.B0, self.B0], dim=1) * (self.lam / self.r)  # (out, 2r)
         return up, down
 
-    def forward(self, x):
-        y = self.base(x)
-        if self.merged:
-            return y
-        # Equal to y + x @ delta_weight().T, but O(tokens·d·r): two thin products, never the
-        # (out, in) matrix -- (x @ down.T) is (..., 2r).
-        up, down = self.factors()
-        return y + (self.dropout(x) @ down.T) @ up.T                       # (..., out)
+    @torch.no_grad()
+    def bound(self):
+        """The ball ΔW cannot leave, whatever A and B do: ‖ΔW‖_F ≤ 2|λ|·max_j w_j."""
+        return float(2 * self.lam.abs() * self.w.max())
 
 
 class LoRALinear(AdapterLinear):
@@ -140,11 +154,10 @@ class LoRALinear(AdapterLinear):
     def delta_weight(self):
         return self.scale * (self.B @ self.A)                               # (out, in)
 
-    def forward(self, x):
-        if self.merged:
-            return self.base(x)
-        # The scale goes on B (out, r), not on the (..., out) output: one big multiply less.
-        return self.base(x) + (self.dropout(x) @ self.A.T) @ (self.B * self.scale).T
+    def factors(self):
+        """ΔW = up @ down = (α/r · B) @ A: the scale goes on B (out, r), not on the (..., out)
+        output, one big multiply less."""
+        return self.B * self.scale, self.A
 
 
 ADAPTERS = {"delora": DeLoRALinear, "lora": LoRALinear}
@@ -177,6 +190,18 @@ def add_adapters(model, method="delora", targets=("query", "value"), r=8, lam=4.
 def adapters(model):
     """(name, module) for every adapter layer in the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def adapter_diagnostics(model):
+    """What each adapter does to its weight, for the run's epoch records:
+    {name: {"lam": λ, "delta_norm": ‖ΔW‖_F, "bound": 2|λ|·max_j w_j}} for DeLoRA,
+    {name: {"delta_norm": ‖ΔW‖_F}} for LoRA."""
+    out = {}
+    for name, m in adapters(model):
+        out[name] = dict(delta_norm=m.delta_norm())
+        if isinstance(m, DeLoRALinear):
+            out[name].update(lam=m.lam.item(), bound=m.bound())
+    return out
 
 
 def count_parameters(model, head="classifier"):

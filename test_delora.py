@@ -3,6 +3,7 @@ tmp_path and saved in the real Hugging Face formats, then loaded through the pub
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 import delora
 import glue
+import report
 import roberta
 import train
 from delora import DeLoRALinear, LoRALinear, add_adapters
@@ -31,7 +33,7 @@ SENTENCES = [
 
 def tiny_config(**kw):
     d = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             intermediate_size=64, max_position_embeddings=80, hidden_dropout_prob=0.0,
+             intermediate_size=64, max_position_embeddings=258, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0)
     return {**d, **kw}
 
@@ -150,6 +152,52 @@ def test_logits_shape_and_padding_invariance(kind, request):
     assert isinstance(model.classifier.first_dropout, nn.Identity) == (kind == "bert_ckpt")
 
 
+def heavily_padded_batch(vocab=300, lengths=(3, 40, 5, 2, 17), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()   # (B, T)
+    return ids.masked_fill(mask == 0, 1), mask
+
+
+@pytest.mark.parametrize("method", ["delora", "lora"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_unpadded_encoder_equals_the_padded_computation(ckpt, method, mode):
+    model = _trained(ckpt, method)  # tiny config: dropout 0, so train mode is deterministic
+    getattr(model, mode)()
+    ids, mask = heavily_padded_batch()                     # 67 real tokens of 200
+    results = []
+    for keep_padding in (True, False):
+        model.zero_grad()
+        logits = model(ids, mask, keep_padding=keep_padding)
+        train.loss_fn(logits, torch.tensor([0, 1, 1, 0, 1])).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    (padded, g_padded), (unpadded, g_unpadded) = results
+    torch.testing.assert_close(unpadded, padded, atol=1e-5, rtol=1e-5)
+    assert set(g_padded) == set(g_unpadded) and any(n.endswith(".lam") for n in g_padded) == \
+        (method == "delora")
+    for name in g_padded:  # A, B, λ and the head
+        torch.testing.assert_close(g_unpadded[name], g_padded[name], atol=1e-5, rtol=1e-5,
+                                   msg=name)
+
+
+def test_only_real_tokens_reach_the_linear_layers(ckpt):
+    model = _trained(ckpt).eval()
+    rows = []
+    for name in ("layers.0.attention.query", "layers.1.output"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    ids, mask = heavily_padded_batch()
+    with torch.no_grad():
+        hidden = model.encode(ids, mask)
+        assert rows == [67, 67]
+        model.encode(ids, mask, keep_padding=True)
+        assert rows[2:] == [5 * 40, 5 * 40]
+        model.encode(ids, torch.ones_like(mask))               # nothing padded: no gather
+        assert rows[4:] == [5 * 40, 5 * 40]
+    assert not hidden[mask == 0].any()                          # zeros at padding
+
+
 def test_regression_has_one_output(ckpt):
     model = roberta.from_pretrained(ckpt, num_labels=1)
     assert logits_of(model, roberta.load_tokenizer(ckpt)).shape == (4, 1)
@@ -160,8 +208,10 @@ def test_roberta_positions_start_after_pad_and_skip_padding():
     seen = {}
     emb.position_embeddings.register_forward_hook(lambda m, i, o: seen.update(pos=i[0]))
     ids = torch.tensor([[0, 50, 51, 2, 1, 1], [0, 50, 51, 52, 53, 2]])
-    emb(ids, torch.zeros_like(ids))
-    assert seen["pos"].tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]
+    emb(ids, torch.zeros_like(ids), roberta.Tokens.of(None, 2, 6))      # every position
+    assert seen["pos"].view(2, 6).tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]
+    emb(ids, torch.zeros_like(ids), roberta.Tokens.of(ids.ne(1), 2, 6))  # real tokens only
+    assert seen["pos"].tolist() == [2, 3, 4, 5, 2, 3, 4, 5, 6, 7]
 
 
 def test_bert_positions_start_at_zero():
@@ -170,8 +220,8 @@ def test_bert_positions_start_at_zero():
     seen = {}
     emb.position_embeddings.register_forward_hook(lambda m, i, o: seen.update(pos=i[0]))
     ids = torch.tensor([[2, 50, 3, 0]])
-    emb(ids, torch.zeros_like(ids))
-    assert seen["pos"].tolist() == [[0, 1, 2, 3]]
+    emb(ids, torch.zeros_like(ids), roberta.Tokens.of(None, 1, 4))
+    assert seen["pos"].tolist() == [0, 1, 2, 3]
 
 
 def test_tokenizer_pairs_and_our_settings(ckpt, bert_ckpt):
@@ -428,6 +478,42 @@ def test_delta_norm_is_bounded_by_lambda_and_column_norms():
             layer.A.copy_(torch.randn_like(layer.A) * 10 ** (step % 5))
             layer.B.copy_(torch.randn_like(layer.B) * 10 ** (step % 3))
         assert layer.delta_weight().norm() <= 2 * 3.0 * w_max * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("cls", [DeLoRALinear, LoRALinear])
+def test_delta_norm_from_the_factors_equals_the_norm_of_delta_weight(cls):
+    layer = make_layer(cls=cls, out_f=12, in_f=9, r=3)
+    assert layer.delta_norm() == 0.0                           # both start at the base layer
+    with torch.no_grad():
+        if cls is DeLoRALinear:
+            layer.lam.fill_(-1.7)
+        layer.A.add_(torch.randn_like(layer.A))
+        layer.B.add_(torch.randn_like(layer.B))
+    expected = (_official_delta(layer, -1.7) if cls is DeLoRALinear else
+                layer.scale * layer.B.double() @ layer.A.double()).norm().item()
+    assert layer.delta_norm() == pytest.approx(expected, rel=1e-5)
+    assert layer.delta_norm() == pytest.approx(layer.delta_weight().norm().item(), rel=1e-4)
+
+
+def test_delta_norm_stays_under_the_bound_at_a_huge_learning_rate(ckpt):
+    model = _trained(ckpt)
+    tok = roberta.load_tokenizer(ckpt)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=10.0)
+    ids, mask, types = batch(tok, SENTENCES[:6], 1)
+    for _ in range(5):
+        train.loss_fn(model.train()(ids, mask, types), torch.tensor([0, 1] * 3)).backward()
+        opt.step()
+        opt.zero_grad()
+    diag = delora.adapter_diagnostics(model)
+    assert set(diag) == {n for n, _ in delora.adapters(model)}
+    for name, d in diag.items():
+        m = model.get_submodule(name)
+        assert d["lam"] == m.lam.item() != 4.0                    # λ moved
+        assert d["bound"] == pytest.approx(2 * abs(m.lam.item()) * m.w.max().item())
+        assert 0 < d["delta_norm"] <= d["bound"]
+        assert d["delta_norm"] == pytest.approx(m.delta_weight().norm().item(), rel=1e-4)
+    lora = delora.adapter_diagnostics(_trained(ckpt, "lora"))
+    assert all(set(d) == {"delta_norm"} for d in lora.values())
 
 
 def test_normalized_update_is_bounded_by_rank_and_lambda_over_r_removes_it():
@@ -815,7 +901,7 @@ def test_learning_rates_follow_the_schedule_in_every_group(ckpt, glue_dir, tmp_p
     # 40 examples, batch 8: 5 steps an epoch, 4 epochs: 20 steps, warmup int(0.06 * 20) = 1
     s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 4, "--batch-size", 8,
                 "--lr", 0.02, "--lam-lr", 0.003, "--lr-mult", 0.5, "--out-dir", tmp_path)
-    base = {"adapter": 0.01, "head": 0.01, "no_decay": 0.01, "lam": 0.003}
+    base = {"adapter": 0.01, "head": 0.02, "no_decay": 0.02, "lam": 0.003}  # x0.5: A, B only
     for e in s["epochs"]:
         step = 5 * (e["epoch"] + 1)
         factor = (20 - step) / (20 - 1)                 # past warmup: linear decay to 0
@@ -894,6 +980,8 @@ def test_per_task_defaults_and_overrides():
     assert train.TrainConfig("rte", 1, method="lora").lr == 5e-4
     assert train.TrainConfig("rte", 42).run_name() == \
         "delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42"
+    assert train.TrainConfig("rte", 42, lr_mult=2).run_name().startswith(
+        "delora_r8_lam4_lr0.01x2_lamlr0.01_")              # not lr0.02: the head is not scaled
     assert train.TrainConfig("rte", 1).model_tag() == \
         "FacebookAI_roberta-base"
 
@@ -954,12 +1042,47 @@ def test_epoch_train_loss_is_the_mean_of_its_step_losses(ckpt, glue_dir, tmp_pat
     (["rte", "1", "--data", "/no/such/dir"], "--data /no/such/dir: no such folder"),
     (["rte", "1", "--model", "/no/such/model", "--data", "."], "/no/such/model is not a directory"),
     (["rte", "1", "--epochs", "0"], "--epochs must be >= 1"),
+    (["rte", "1", "--lr", "-1"], "--lr must be > 0, got -1"),
+    (["rte", "1", "--lr", "0"], "--lr must be > 0, got 0"),
+    (["rte", "1", "--lam-lr", "-0.01"], "--lam-lr must be > 0, got -0.01"),
+    (["rte", "1", "--lr-mult", "0"], "--lr-mult must be > 0, got 0"),
+    (["rte", "1", "--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(args)
     text = capsys.readouterr().err + str(e.value.code)
     assert e.value.code != 0 and message in text
+
+
+@pytest.mark.parametrize("kind, length, message", [
+    ("ckpt", 257, "--max-length 257 is more than the model's 256 positions; use at most 256"),
+    ("bert_ckpt", 259, "--max-length 259 is more than the model's 258 positions; use at most 258"),
+    ("ckpt", 3, "--max-length 3 cannot hold the 4 special tokens of a pair; use at least 4"),
+    ("bert_ckpt", 2, "--max-length 2 cannot hold the 3 special tokens of a pair; use at least 3"),
+])
+def test_max_length_must_fit_the_positions_and_the_special_tokens(kind, length, message,
+                                                                  request, glue_dir, tmp_path):
+    ckpt = request.getfixturevalue(kind)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--max-length", length,
+                "--out-dir", tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()                # before training starts
+    run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1,
+            "--max-length", {"ckpt": 256, "bert_ckpt": 258}[kind] if length > 10 else
+            {"ckpt": 4, "bert_ckpt": 3}[kind], "--out-dir", tmp_path / "ok")  # the limit runs
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "bert_ckpt"])
+def test_max_tokens_is_the_longest_sequence_the_positions_cover(kind, request):
+    model = roberta.from_pretrained(request.getfixturevalue(kind), num_labels=2).eval()
+    n = model.config.max_tokens                              # roberta 258 - 2, bert 258
+    assert n == (256 if kind == "ckpt" else 258) and roberta.RobertaConfig().max_tokens == 512
+    ids = torch.full((1, n + 1), 5)
+    with torch.no_grad():
+        model(ids[:, :n])
+        with pytest.raises(IndexError):
+            model(ids)
 
 
 def test_bad_input_shows_no_traceback_in_a_real_process(tmp_path):
@@ -1015,16 +1138,30 @@ def test_delora_and_head_learn_a_synthetic_task(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Results: report, export, predict
 
-def fake_run(out, task, seed, metric_value, method="delora", status="finished", **overrides):
+def fake_run(out, task, seed, metric_value, method="delora", status="finished", epochs=2,
+             **overrides):
+    """A run summary as train.py writes it, with made-up metrics and adapter diagnostics."""
     cfg = train.TrainConfig(task, seed, method=method, model="FacebookAI/roberta-base",
                             **overrides)
     metric = glue.TASKS[task].metrics[0]
+    value = metric_value or 0.5
+    records = []
+    for e in range(epochs):
+        layers = {f"layers.{i}.attention.{t}": dict(delta_norm=0.1 * (e + 1) * cfg.lr_mult)
+                  for i in range(2) for t in ("query", "value")}
+        if method == "delora":
+            for d in layers.values():
+                d.update(lam=cfg.lam + 0.1 * e, bound=2 * (cfg.lam + 0.1 * e) * 1.5)
+        records.append(dict(epoch=e, train_loss=1.0 / (e + 1), val={metric: value - 0.01 * e},
+                            adapters=layers))
     s = dict(task=task, seed=seed, status=status, settings=train.asdict(cfg),
-             overrides=cfg.overrides(), run_name=cfg.run_name(), metric=metric,
-             epochs=[{"epoch": 0}], test={metric: metric_value} if metric_value else None)
+             overrides=cfg.overrides(), run_name=cfg.run_name(), metric=metric, epochs=records,
+             best_epoch=0 if metric_value else None,
+             test={metric: metric_value} if metric_value else None)
     path = out / task / f"{cfg.run_name()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(s))
+    return path
 
 
 def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
@@ -1032,11 +1169,12 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
         fake_run(tmp_path, "rte", seed, v)
     fake_run(tmp_path, "stsb", 42, 0.9)
     fake_run(tmp_path, "rte", 45, 0.10, status="running")          # must not count
+    fake_run(tmp_path, "rte", 46, 0.10, status="interrupted")      # nor this
     fake_run(tmp_path, "rte", 42, 0.5, method="lora")
-    text, data = train.report(tmp_path)
+    text, data = report.report(report.load_runs(tmp_path))
     rows = {(r["name"], r["task"]): r for r in data["rows"]}
     rte = rows[("FacebookAI_roberta-base delora", "rte")]
-    assert rte["n"] == 3 and rte["mean"] == pytest.approx(0.74)
+    assert rte["n"] == 3 and rte["mean"] == pytest.approx(0.74) and rte["diverged"] == 0
     assert rte["std"] == pytest.approx(0.04)
     assert "74.0 ± 4.0 (3)" in text and "90.0 ± 0.0 (1)" in text
     assert "| FacebookAI_roberta-base delora | - | - | - | - | - | - | 74.0 ± 4.0 (3) |" in text
@@ -1044,26 +1182,99 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
     assert "| DeLoRA (paper) | 87.2 | 94.1 | 89.0 | 63.6 | 92.8 | 90.1 | 77.1 | 90.9 | 85.6 |" \
         in text
     assert "| LoRA (paper) |" in text and "50.0 ± 0.0 (1)" in text
-    assert len(data["unfinished"]) == 1 and "running" in text.split("not finished")[1]
-    train.main(["--report", str(tmp_path), "--csv", str(tmp_path / "r.csv"),
-                "--json", str(tmp_path / "r.json")])
+    assert len(data["unfinished"]) == 2 and "running" in text.split("not finished")[1]
+    assert "interrupted" in text.split("not finished")[1] and "†" not in text
+    report.main([str(tmp_path), "--csv", str(tmp_path / "r.csv"), "--json",
+                 str(tmp_path / "r.json")])
     assert "74.0 ± 4.0 (3)" in capsys.readouterr().out
-    assert (tmp_path / "r.csv").read_text().startswith("name,task,mean,std,n")
+    assert (tmp_path / "r.csv").read_text().startswith("name,task,mean,std,n,diverged")
     assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 3
 
 
 def test_report_cell_docstring_example():
-    assert train._cell([0.771, 0.80]) == "78.6 ± 2.1 (2)"
+    runs = [dict(status="finished", metric="accuracy", test={"accuracy": v}) for v in (.771, .8)]
+    assert report.cell(runs) == "78.6 ± 2.1 (2)"
+    runs.append(dict(status="diverged", metric="accuracy", test={"accuracy": 0.5}))
+    assert report.cell(runs) == "69.0 ± 16.5 (3, 1†)"
+
+
+def test_report_counts_diverged_runs_at_their_best_epoch_and_marks_them(tmp_path):
+    fake_run(tmp_path, "rte", 42, 0.70)
+    fake_run(tmp_path, "rte", 43, 0.60, status="diverged")          # counts, marked †
+    fake_run(tmp_path, "rte", 44, None, status="diverged", epochs=0)  # no epoch: no result
+    text, data = report.report(report.load_runs(tmp_path))
+    assert "65.0 ± 7.1 (2, 1†)" in text and "† diverged" in text
+    assert data["rows"][0]["diverged"] == 1 and data["rows"][0]["values"] == [0.7, 0.6]
+    assert len(data["no_result"]) == 1 and "no result" in text and not data["unfinished"]
 
 
 def test_report_robustness_table(tmp_path):
     for m, v in ((0.25, 0.6), (1.0, 0.7), (8.0, 0.5)):
         fake_run(tmp_path, "rte", 42, v, lr_mult=m)
         fake_run(tmp_path, "rte", 42, v - 0.1, method="lora", lr_mult=m)
-    text, _ = train.report(tmp_path)
+    text, _ = report.report(report.load_runs(tmp_path))
     assert "| task | method | lr x0.25 | lr x1 | lr x8 |" in text
     assert "| rte | FacebookAI_roberta-base delora | 60.0 ± 0.0 (1) | 70.0 ± 0.0 (1) | " \
            "50.0 ± 0.0 (1) |" in text
+
+
+def test_report_skips_corrupt_and_foreign_json_naming_them(tmp_path, capsys):
+    fake_run(tmp_path, "rte", 42, 0.7)
+    (tmp_path / "rte" / "broken.json").write_text('{"task": "rte", ')       # killed mid-write
+    (tmp_path / "bench.json").write_text(json.dumps({"hardware": "cpu"}))    # not a run
+    (tmp_path / "list.json").write_text("[1, 2]")
+    report.main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "70.0 ± 0.0 (1)" in out
+    for name in ("broken.json", "bench.json", "list.json"):
+        assert name in err
+    assert err.count("warning") == 3
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "nope", "no such folder"),
+    (lambda d: d, "no run summaries under"),
+])
+def test_report_bad_out_dir_is_one_line(make, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main([str(make(tmp_path))])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _png(path):
+    import matplotlib.image
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(path).ndim == 3
+
+
+def test_report_plots_a_sweep_and_skips_what_is_missing(tmp_path, capsys):
+    for seed in (42, 43):
+        for m in (0.25, 1.0, 4.0):
+            fake_run(tmp_path / "sweep", "stsb", seed, 0.8 - 0.05 * m, lr_mult=m)
+            fake_run(tmp_path / "sweep", "stsb", seed, 0.6 + 0.05 * m, method="lora", lr_mult=m)
+    fake_run(tmp_path / "sweep", "stsb", 44, 0.1, lr_mult=16.0, status="diverged")
+    report.main([str(tmp_path / "sweep"), "--plots", str(tmp_path / "figs")])
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == ["lambda.png", "robustness.png", "update_size.png", "validation.png"]
+    assert all(_png(tmp_path / "figs" / n) for n in names)
+    import matplotlib.pyplot as plt
+    fig, _ = report.fig_robustness(plt, report.load_runs(tmp_path / "sweep"))
+    marks = [line for ax in fig.axes for line in ax.lines
+             if line.get_marker() == "x" and line.get_xdata().tolist() == [16.0]]
+    assert marks and marks[0].get_color() == "r"               # the diverged run, marked
+    plt.close(fig)
+    capsys.readouterr()
+    fake_run(tmp_path / "lora", "rte", 42, 0.7, method="lora")        # no sweep, no DeLoRA
+    report.main([str(tmp_path / "lora"), "--plots", str(tmp_path / "figs2")])
+    out = capsys.readouterr().out
+    for name in ("robustness", "update_size", "lambda"):
+        assert len([line for line in out.splitlines() if line.startswith(f"skipped {name}")]) == 1
+    assert [p.name for p in (tmp_path / "figs2").iterdir()] == ["validation.png"]
+
+
+def test_train_report_points_to_report_py():
+    with pytest.raises(SystemExit, match="python report.py"):
+        train.main(["--report", ".logs"])
 
 
 @pytest.mark.parametrize("kind", ["ckpt", "bert_ckpt"])

@@ -2,7 +2,7 @@
 
     python train.py rte 42                      # one cell of the paper's Table 4
     python train.py stsb 42 --model DIR --data DIR --max-train-samples 2000 --epochs 3
-    python train.py --report .logs              # the table over all finished runs
+    python report.py .logs                      # the table over all finished runs
     python train.py --predict RUN.json "A man is eating." "A man eats."
 
 Protocol (RED splits, as the official code): train on GLUE train; after every epoch evaluate
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from delora import add_adapters, adapter_state_dict, count_parameters, load_adapter_state_dict
+from delora import add_adapters, adapter_diagnostics, adapter_state_dict, count_parameters
+from delora import load_adapter_state_dict
 from delora import merge_adapters
 from glue import TASKS, Encoded, batch_order, compute_metrics, encode, get_task, load_glue
 from roberta import from_pretrained, load_tokenizer, resolve, save_pretrained
@@ -59,7 +60,7 @@ class TrainConfig:
     alpha: float = 8.0                       # LoRA's α (scale α / r)
     lr: float | None = None                  # A, B and head (per task and method)
     lam_lr: float | None = None              # λ's own learning rate (per task)
-    lr_mult: float = 1.0                     # multiplies lr: the robustness sweep
+    lr_mult: float = 1.0                     # multiplies A and B's lr: the robustness sweep
     batch_size: int | None = None
     epochs: int | None = None
     dropout: float | None = None             # on the adapter's input
@@ -82,6 +83,24 @@ class TrainConfig:
         for name, value in row.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        self.check()
+
+    def check(self):
+        """Bad values as one ValueError naming the option (a negative learning rate would
+        train silently by gradient ascent: AdamW checks only its default lr)."""
+        if self.method not in ("delora", "lora"):
+            raise ValueError(f"--method {self.method!r}: valid: delora, lora")
+        for name in ("lr", "lam_lr", "lr_mult"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got "
+                                 f"{getattr(self, name):g}")
+        for name in ("r", "epochs", "batch_size", "max_length", "eval_batch_size",
+                     "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout:g}")
 
     def overrides(self):
         """The settings that differ from this task's defaults: what names a row in a report."""
@@ -95,7 +114,8 @@ class TrainConfig:
         """e.g. delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42."""
         scale = f"lam{self.lam:g}" if self.method == "delora" else f"alpha{self.alpha:g}"
         lam_lr = f"_lamlr{self.lam_lr:g}" if self.method == "delora" else ""
-        name = (f"{self.method}_r{self.r}_{scale}_lr{self.lr * self.lr_mult:g}{lam_lr}"
+        mult = f"x{self.lr_mult:g}" if self.lr_mult != 1 else ""
+        name = (f"{self.method}_r{self.r}_{scale}_lr{self.lr:g}{mult}{lam_lr}"
                 f"_bs{self.batch_size}_ep{self.epochs}_drop{self.dropout:g}_len{self.max_length}")
         if self.max_train_samples:
             name += f"_n{self.max_train_samples}"
@@ -146,7 +166,7 @@ def pick_device(name):
 def param_groups(model, cfg, head="classifier"):
     """AdamW groups as in the official code: λ at its own learning rate; the other weights
     (A, B, head) at lr with weight decay; biases and LayerNorm weights without decay.
-    Each group has a name: adapter, head, no_decay, lam."""
+    Each group has a name: adapter (A, B), head, no_decay, lam."""
     groups = {"adapter": [], "head": [], "no_decay": [], "lam": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -157,9 +177,10 @@ def param_groups(model, cfg, head="classifier"):
             groups["no_decay"].append(p)
         else:
             groups["head" if name.startswith(head + ".") else "adapter"].append(p)
-    lr = cfg.lr * cfg.lr_mult
-    settings = {"adapter": (lr, WEIGHT_DECAY), "head": (lr, WEIGHT_DECAY),
-                "no_decay": (lr, 0.0), "lam": (cfg.lam_lr, WEIGHT_DECAY)}
+    # --lr-mult scales A and B only: the sweep tests the adapter, not the head (at the task's lr)
+    # nor λ (at its own lr)
+    settings = {"adapter": (cfg.lr * cfg.lr_mult, WEIGHT_DECAY), "head": (cfg.lr, WEIGHT_DECAY),
+                "no_decay": (cfg.lr, 0.0), "lam": (cfg.lam_lr, WEIGHT_DECAY)}
     return [dict(name=name, params=params, lr=settings[name][0], weight_decay=settings[name][1])
             for name, params in groups.items() if params]
 
@@ -232,6 +253,19 @@ def build_model(cfg, num_labels):
                         lam=cfg.lam, alpha=cfg.alpha, dropout=cfg.dropout)
 
 
+def check_max_length(max_length, tokenizer, config, pair):
+    """--max-length must fit the position embeddings (else an IndexError deep in the model on
+    the first long example) and hold the special tokens (else `tokenizers` silently leaves
+    the sequences untruncated): RoBERTa pairs need 4 (<s> A </s></s> B </s>), BERT pairs 3."""
+    if max_length > config.max_tokens:
+        raise ValueError(f"--max-length {max_length} is more than the model's "
+                         f"{config.max_tokens} positions; use at most {config.max_tokens}")
+    need = tokenizer.num_special_tokens_to_add(pair)
+    if max_length < need:
+        raise ValueError(f"--max-length {max_length} cannot hold the {need} special tokens of "
+                         f"{'a pair' if pair else 'a sentence'}; use at least {need}")
+
+
 def save_adapter(state, path, cfg):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state.items()}, str(path),
@@ -255,6 +289,7 @@ def train(cfg: TrainConfig):
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)
         train_ds, val_ds, test_ds = load_glue(cfg.task, cfg.seed, cfg.data)
         model = build_model(cfg, spec.num_labels).to(device)
+        check_max_length(cfg.max_length, tokenizer, model.config, pair=len(spec.text_keys) == 2)
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unusable --device
         raise UsageError(str(e)) from e
     if cfg.max_train_samples:
@@ -263,7 +298,8 @@ def train(cfg: TrainConfig):
     splits = {"train": train_ds, "val": val_ds, "test": test_ds}
     enc = {k: encode(cfg.task, ds, tokenizer) for k, ds in splits.items()}  # once per run
     params = count_parameters(model)
-    forward = torch.compile(model) if cfg.compile else model
+    # dynamic=True: the token count N changes with every batch; compile once for it
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
     print(f"{cfg.task} seed {cfg.seed}: {cfg.method} on {cfg.model} ({device}); train/val/test "
           f"{len(train_ds)}/{len(val_ds)}/{len(test_ds)}; trainable {params['adapter']:,} "
           f"adapter + {params['trainable'] - params['adapter']:,} head of {params['total']:,}")
@@ -296,6 +332,7 @@ def train(cfg: TrainConfig):
             val = evaluate(cfg.task, model, enc["val"], pad_id, device, cfg)
             record = dict(epoch=epoch, train_loss=train_loss, val=val,
                           lr={g["name"]: g["lr"] for g in optimizer.param_groups},
+                          adapters=adapter_diagnostics(model),
                           examples_per_s=round(len(lengths) / train_s, 1),
                           seconds=round(time.time() - t0, 2))
             with open(log_path, "a") as f:
@@ -362,114 +399,7 @@ def run_epoch(model, optimizer, scheduler, enc, batches, pad_id, device, cfg, ep
 
 
 # ---------------------------------------------------------------------------------------------
-# Using the results: a report over many runs, and predictions from a saved adapter
-
-PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x100, 5 seeds)
-    "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
-    "LoRA (paper)": (86.6, 93.9, 88.7, 59.7, 92.6, 90.4, 75.3, 90.3),
-}
-
-
-def load_runs(out_dir):
-    """Every run summary (the JSON beside the logs) under out_dir."""
-    runs = []
-    for path in sorted(Path(out_dir).rglob("*.json")):
-        try:
-            s = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(s, dict) and {"task", "status", "settings", "test"} <= set(s):
-            runs.append(dict(s, path=str(path)))
-    return runs
-
-
-def _cell(values):
-    """[0.771, 0.80] -> '78.6 ± 2.1 (2)': mean ± sample std over seeds, x100, with the count."""
-    v = 100 * np.asarray(values, dtype=float)
-    std = v.std(ddof=1) if len(v) > 1 else 0.0
-    return f"{v.mean():.1f} ± {std:.1f} ({len(v)})"
-
-
-def _row_name(run, ignore=()):
-    """'<model> <method> (<settings that differ from the task's defaults>)'."""
-    cfg = TrainConfig(**run["settings"])
-    extra = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in sorted(cfg.overrides().items()) if k not in ignore)
-    return f"{cfg.model_tag()} {cfg.method}" + (f" ({extra})" if extra else "")
-
-
-def report(out_dir):
-    """Markdown tables in the paper's form from the finished runs under out_dir, plus the rows
-    behind them: {'rows': [{'name', 'task', 'values', 'mean', 'std', 'n'}], 'unfinished': [...]}.
-    A second table shows test metric vs learning-rate multiplier, where runs vary --lr-mult."""
-    runs = load_runs(out_dir)
-    done = [r for r in runs if r["status"] == "finished" and r["test"]]
-    unfinished = [r for r in runs if r not in done]
-    cells = {}  # (row, task) -> test metric per seed
-    for r in done:
-        cells.setdefault((_row_name(r), r["task"]), []).append(r["test"][r["metric"]])
-    names = list(dict.fromkeys(name for name, _ in cells))
-    lines = ["| method | " + " | ".join(TASKS) + " | avg |", "|---" * (len(TASKS) + 2) + "|"]
-    for name, values in PAPER.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values)
-                     + f" | {np.mean(values):.1f} |")
-    rows = []
-    for name in names:
-        row = [cells.get((name, t)) for t in TASKS]
-        means = [100 * np.mean(v) for v in row if v]
-        avg = f"{np.mean(means):.1f}" + ("" if len(means) == len(TASKS) else
-                                          f" ({len(means)} of {len(TASKS)} tasks)")
-        lines.append(f"| {name} | " + " | ".join(_cell(v) if v else "-" for v in row)
-                     + f" | {avg} |")
-        rows += [dict(name=name, task=t, values=v, mean=float(np.mean(v)),
-                      std=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, n=len(v))
-                 for t, v in zip(TASKS, row) if v]
-    text = "\n".join(lines) + "\n"
-    text += "\ntest metric at the best validation epoch, x100: mean ± std (seeds)\n"
-    sweep = [r for r in done if r["settings"]["lr_mult"] != 1]
-    if sweep:
-        text += "\n" + _robustness_table(done) + "\n"
-    if unfinished:
-        text += "\nnot finished (not averaged in):\n" + "".join(
-            f"- {r['path']}: {r['status']}, {len(r['epochs'])} epoch(s)\n" for r in unfinished)
-    return text, dict(rows=rows, unfinished=[r["path"] for r in unfinished])
-
-
-def _robustness_table(done):
-    """Test metric vs learning-rate multiplier, one row per task and method."""
-    cells = {}
-    for r in done:
-        cells.setdefault((r["task"], _row_name(r, ignore=("lr_mult",))), {}).setdefault(
-            r["settings"]["lr_mult"], []).append(r["test"][r["metric"]])
-    mults = sorted({m for per in cells.values() for m in per})
-    lines = ["| task | method | " + " | ".join(f"lr x{m:g}" for m in mults) + " |",
-             "|---" * (len(mults) + 2) + "|"]
-    for (task, name), per in sorted(cells.items()):
-        lines.append(f"| {task} | {name} | "
-                     + " | ".join(_cell(per[m]) if m in per else "-" for m in mults) + " |")
-    return "\n".join(lines)
-
-
-def report_main(argv):
-    p = Parser(prog="train.py --report", description="Tables over the runs in OUT_DIR.")
-    p.add_argument("out_dir", nargs="?", default=".logs")
-    p.add_argument("--csv", help="also write the rows as CSV")
-    p.add_argument("--json", help="also write the rows as JSON")
-    args = p.parse_args(argv)
-    if not Path(args.out_dir).is_dir():
-        raise UsageError(f"{args.out_dir}: no such folder")
-    text, data = report(args.out_dir)
-    print(text, end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=1))
-    if args.csv:
-        import csv
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["name", "task", "mean", "std", "n"])
-            w.writerows([r["name"], r["task"], r["mean"], r["std"], r["n"]] for r in data["rows"])
-    return data
-
+# Predictions from a saved adapter
 
 def load_finetuned(run_json):
     """A finished run's summary JSON -> (model, tokenizer, cfg): the pretrained checkpoint with
@@ -531,7 +461,7 @@ def parse_args(argv):
                epilog="per-task defaults (paper Table 9; lora_lr for --method lora):\n"
                       "  task   lam     lr      lam_lr  batch   epochs  dropout lora_lr\n"
                       + table + "\n\nother modes:\n"
-                      "  train.py --report [OUT_DIR] [--csv F] [--json F]   results table\n"
+                      "  report.py [OUT_DIR] [--plots DIR]                  tables, figures\n"
                       "  train.py --predict RUN.json TEXT [TEXT_B]        score a sentence (pair)")
     p.add_argument("task", help=f"GLUE task: {', '.join(TASKS)}")
     p.add_argument("seed", type=int, help="random seed (the paper: 42-46)")
@@ -547,12 +477,14 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, help="learning rate (default: per task and method)")
     p.add_argument("--lam-lr", type=float, help="λ's learning rate (default: per task)")
     p.add_argument("--lr-mult", type=float, default=1.0,
-                   help="multiply the learning rate, for robustness sweeps (default: 1)")
+                   help="multiply the learning rate of A and B (not the head's, not λ's), for "
+                   "robustness sweeps (default: 1)")
     p.add_argument("--batch-size", type=int, help="default: per task")
     p.add_argument("--epochs", type=int, help="default: per task")
     p.add_argument("--dropout", type=float, help="adapter input dropout (default: per task)")
     p.add_argument("--max-length", type=int, default=d.max_length,
-                   help="truncate to this many tokens (default: %(default)s)")
+                   help="truncate to this many tokens; more than the model's positions "
+                   "(roberta-base: 512) is an error (default: %(default)s)")
     p.add_argument("--max-train-samples", type=int,
                    help="train on the first N examples only (default: all)")
     p.add_argument("--group-by-length", action="store_true",
@@ -570,14 +502,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.task not in TASKS:
         p.error(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
-    for name in ("r", "epochs", "batch_size", "max_length", "eval_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        p.error(f"--max-train-samples must be >= 1, got {args.max_train_samples}")
     if args.data is not None and not Path(args.data).is_dir():
         p.error(f"--data {args.data}: no such folder")
-    return TrainConfig(**vars(args))
+    try:
+        return TrainConfig(**vars(args))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv=None):
@@ -586,7 +516,7 @@ def main(argv=None):
     logging.set_verbosity_error()  # offline, its retry messages would bury our one-line error
     try:
         if argv[:1] == ["--report"]:
-            return report_main(argv[1:])
+            raise UsageError("the report moved: python report.py OUT_DIR [--plots DIR]")
         if argv[:1] == ["--predict"]:
             return predict_main(argv[1:])
         return train(parse_args(argv))
