@@ -4,9 +4,12 @@ import json
 import math
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -848,7 +851,7 @@ def test_cli_end_to_end_and_reproducible(ckpt, glue_dir, tmp_path):
     saved = json.loads((run_dir / f"{name}.json").read_text())
     assert saved["best_epoch"] in (0, 1) and saved["params"]["adapter"] == 4 * (8 * 64 + 1)
     assert (run_dir / f"{name}_adapter.safetensors").is_file()
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+    with pytest.raises(SystemExit, match=r"exists \(finished\); pass --overwrite"):
         run_cli(*common, "--out-dir", tmp_path / "a")
 
 
@@ -1102,6 +1105,219 @@ def test_nan_loss_stops_naming_epoch_and_step(ckpt, glue_dir, tmp_path):
                 "--lr", 1e30, "--out-dir", tmp_path)
     summary = json.loads(next(tmp_path.rglob("*.json")).read_text())
     assert summary["status"] == "diverged" and (next(tmp_path.rglob("*.txt"))).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption and resume
+
+RESUMABLE = ["rte", 3, "--epochs", 3, "--batch-size", 8, "--dropout", 0.2, "--lr", 0.02,
+             "--save-every", 3]  # 5 steps an epoch; checkpoints after steps 3, 5, 6, 9, 10, 12
+SIGNAL_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+calls, step = [0], train.train_step
+def signalling_step(*args, **kwargs):  # the signal arrives just before step {n}
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.{sig})
+    return step(*args, **kwargs)
+train.train_step = signalling_step
+train.main({argv!r})
+"""
+
+
+def run_signalled(argv, n, sig="SIGKILL"):
+    """train.py ARGV in a new process that gets `sig` just before its n-th training step."""
+    code = SIGNAL_AT_STEP.format(here=str(HERE), n=n, sig=sig, argv=[str(a) for a in argv])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def outcome(out_dir):
+    """What a run ends with: its per-epoch record (no timings) and its adapter tensors."""
+    from safetensors.torch import load_file
+    s = json.loads(next(Path(out_dir).rglob("*.json")).read_text())
+    epochs = [{k: e.get(k) for k in ("epoch", "train_loss", "val", "test", "lr", "adapters")}
+              for e in s["epochs"]]
+    adapter = load_file(next(Path(out_dir).rglob("*_adapter.safetensors")))
+    return dict(status=s["status"], best_epoch=s["best_epoch"], test=s["test"],
+                epochs=epochs), adapter
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ckpt, tmp_path_factory):
+    glue_dir = write_rte(tmp_path_factory.mktemp("data") / "glue")
+    out = tmp_path_factory.mktemp("reference")
+    run_cli(*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", out)
+    return glue_dir, outcome(out)
+
+
+@pytest.mark.parametrize("kill_before_step", [8, 11])   # mid-epoch 1; between epochs 1 and 2
+def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupted, tmp_path,
+                                                               kill_before_step):
+    glue_dir, (expected, expected_adapter) = uninterrupted
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    p = run_signalled(argv, kill_before_step)
+    assert p.returncode == -signal.SIGKILL
+    s = json.loads(next(tmp_path.rglob("*.json")).read_text())  # valid JSON, still "running"
+    assert s["status"] == "running" and len(s["epochs"]) == (kill_before_step - 1) // 5
+    with pytest.raises(SystemExit, match="is unfinished .*pass --resume to continue it"):
+        run_cli(*argv)
+    resumed = run_cli(*argv, "--resume")
+    assert resumed["resumed"] == 1
+    got, adapter = outcome(tmp_path)
+    assert got == expected                                     # ==, not approximately
+    assert adapter.keys() == expected_adapter.keys()
+    assert all(torch.equal(adapter[k], expected_adapter[k]) for k in adapter)
+    assert not list(tmp_path.rglob("*_checkpoint.pt"))        # deleted once finished
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
+        ckpt, uninterrupted, tmp_path, sig):
+    glue_dir, (expected, expected_adapter) = uninterrupted
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    p = run_signalled(argv, 7, sig)                          # finishes step 7, then stops
+    assert p.returncode == 128 + getattr(signal, sig)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr
+    assert f"stopped by {sig} at epoch 1, batch 2 (step 7)" in lines[0]
+    command = lines[0].split("Resume with: ")[1]
+    assert command.startswith("python train.py rte 3 ") and "--resume" in shlex.split(command)
+    s = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert s["status"] == "interrupted" and len(s["epochs"]) == 1
+    ckpt_file = next(tmp_path.rglob("*_checkpoint.pt"))
+    state = torch.load(ckpt_file, weights_only=True)         # plain tensors and lists only
+    assert state["progress"]["step"] == 7 and state["progress"]["done"] == 2
+    train.main(shlex.split(command.removeprefix("python train.py ")))  # the command as shown
+    got, adapter = outcome(tmp_path)
+    assert got == expected and all(torch.equal(adapter[k], expected_adapter[k]) for k in adapter)
+
+
+def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path]
+    with pytest.raises(SystemExit, match=r"nothing to resume: no checkpoint .*; run without "
+                                         r"--resume"):
+        run_cli(*argv, "--resume")
+    run_cli(*argv, "--keep-checkpoint")
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(p.name.endswith("_checkpoint.pt") for p in files)       # kept, as asked
+    capsys.readouterr()
+    assert run_cli(*argv, "--resume")["status"] == "finished"          # exit 0
+    assert "already finished; nothing to resume" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    with pytest.raises(SystemExit, match="exclude each other"):
+        run_cli(*argv, "--resume", "--overwrite")
+    json_path = next(tmp_path.rglob("*.json"))
+    json_path.write_text(json_path.read_text().replace('"finished"', '"interrupted"'))
+    with pytest.raises(SystemExit, match=r"settings differ from the checkpoint's: "
+                                         r"--eval-batch-size 7 \(checkpoint: 128\)"):
+        run_cli(*argv, "--resume", "--eval-batch-size", 7)
+    with pytest.raises(SystemExit, match=r"unfinished \(interrupted, 1 epoch\(s\) done\): "
+                                         r"pass --resume"):
+        run_cli(*argv)
+    assert run_cli(*argv, "--overwrite")["status"] == "finished"
+    assert not list(tmp_path.rglob("*_checkpoint.pt"))
+
+
+def test_files_are_replaced_atomically(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"status": "running"}')
+
+    def killed_halfway(p):
+        p.write_text('{"status": "fini')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.write_atomic(path, killed_halfway)
+    assert json.loads(path.read_text()) == {"status": "running"}   # the previous valid version
+    train.write_atomic(path, lambda p: p.write_text('{"status": "finished"}'))
+    assert json.loads(path.read_text()) == {"status": "finished"}
+
+
+def test_command_rebuilds_the_options_that_differ(tmp_path):
+    data = tmp_path / "glue data"
+    data.mkdir()
+    cfg = train.TrainConfig("rte", 42, method="lora", lr_mult=2.0, data=str(data),
+                            overwrite=True, bf16=True)
+    assert cfg.command(resume=True) == \
+        f"rte 42 --method lora --data '{data}' --lr-mult 2.0 --bf16 --resume"
+    assert train.TrainConfig("rte", 42, lr_mult=2.0).command(resume=True) == \
+        "rte 42 --lr-mult 2.0 --resume"                        # the docstring's example
+    assert train.parse_args(shlex.split(cfg.command())) == replace(cfg, overwrite=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: one run split over processes (gloo on CPU)
+
+def torchrun(tmp_path, argv, nproc=2, script=None):
+    """`torchrun --standalone --nproc_per_node=nproc train.py ARGV` on the CPU (or a script
+    that runs train.main with ARGV)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script or HERE / "train.py"),
+           *[str(a) for a in argv], "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):  # 41 examples, batch 5: shards of 3 and 2; the last batch 1 and 0
+    return write_rte(tmp_path_factory.mktemp("ddp") / "glue", n_train=41)
+
+
+def test_two_processes_train_the_single_process_run_and_resume_it(ckpt, ddp_data, tmp_path):
+    argv = ["rte", 1, "--model", ckpt, "--data", ddp_data, "--epochs", 3, "--batch-size", 5,
+            "--save-every", 3]
+    single = run_cli(*argv, "--out-dir", tmp_path / "single")
+    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "ddp"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("done: best epoch") == 1 and p.stdout.count("epoch 2 (3/3)") == 1
+    files = sorted(f.name.removeprefix(single["run_name"]) for f in (tmp_path / "ddp").rglob("*")
+                   if f.is_file())
+    assert files == [".json", ".txt", "_TEST.txt", "_adapter.safetensors"]   # one set of logs
+    ddp = json.loads(next((tmp_path / "ddp").rglob("*.json")).read_text())
+    assert ddp["processes"] == 2 and ddp["status"] == "finished"
+    assert [e["train_loss"] for e in ddp["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in single["epochs"]], rel=1e-4)
+    assert [e["val"] for e in ddp["epochs"]] == [e["val"] for e in single["epochs"]]
+    assert (ddp["best_epoch"], ddp["test"]) == (single["best_epoch"], single["test"])
+
+    # the same run, rank 1 killed before step 5; resumed from the checkpoint of step 3
+    script = tmp_path / "killed.py"
+    script.write_text(SIGNAL_AT_STEP.replace("    if calls[0] == {n}:", "    if calls[0] == {n} "
+                                             "and os.environ['RANK'] == '1':").format(
+        here=str(HERE), n=5, sig="SIGKILL", argv=None))
+    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "cut"], script=script)
+    assert p.returncode != 0 and len(list((tmp_path / "cut").rglob("*_checkpoint.pt"))) == 1
+    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "cut", "--resume"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed at epoch 0, batch 3 (step 3)" in p.stdout
+    (got, adapter), (expected, expected_adapter) = outcome(tmp_path / "cut"), \
+        outcome(tmp_path / "ddp")
+    assert got == expected and all(torch.equal(adapter[k], expected_adapter[k]) for k in adapter)
+
+
+def test_bad_input_under_torchrun_ends_every_process_with_one_line(ckpt, ddp_data, tmp_path):
+    p = torchrun(tmp_path, ["rte", 0, "--model", ckpt, "--data", ddp_data, "--batch-size", 1,
+                            "--out-dir", tmp_path])
+    message = "train.py: error: --batch-size 1 is smaller than the 2 processes"
+    assert p.returncode != 0 and (p.stdout + p.stderr).count(message) == 1
+    p = torchrun(tmp_path, ["wnli", 0])
+    assert p.returncode != 0 and (p.stdout + p.stderr).count("unknown task 'wnli'") == 1
+
+
+def test_plan_prints_the_80_runs_of_table_4(capsys, tmp_path):
+    lines = train.main(["--plan", "table4", "--data", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines() == lines and len(lines) == 80
+    assert lines[0] == f"python train.py mnli 42 --method delora --data {tmp_path}"
+    assert lines[-1] == f"python train.py stsb 46 --method lora --data {tmp_path}"
+    assert len({tuple(shlex.split(line)[2:6]) for line in lines}) == 80
+    with pytest.raises(SystemExit, match="--plan needs a plan: table4"):
+        train.main(["--plan", "table5"])
+    with pytest.raises(SystemExit) as e:                     # options are checked once, up front
+        train.main(["--plan", "table4", "--lr", "-1"])
+    assert e.value.code == 2
 
 
 def test_delora_and_head_learn_a_synthetic_task(tmp_path):
