@@ -192,6 +192,9 @@ def test_only_real_tokens_reach_the_linear_layers(ckpt):
         model.get_submodule(name).register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
     ids, mask = heavily_padded_batch()
     with torch.no_grad():
+        model(ids, mask)                                        # the forward pass, by default
+        assert rows == [67, 67]
+        del rows[:]
         hidden = model.encode(ids, mask)
         assert rows == [67, 67]
         model.encode(ids, mask, keep_padding=True)
@@ -1007,8 +1010,9 @@ def test_hyperparameters_are_the_papers_and_the_readme_shows_them():
             train.TrainConfig("rte", 0).r, train.TrainConfig("rte", 0).alpha) == (0.06, 0.01,
                                                                                    256, 8, 8.0)
     readme = (HERE / "README.md").read_text()
+    section = readme.split("\n## Hyperparameters\n")[1].split("\n## ")[0]
     rows = {}
-    for line in readme.splitlines():
+    for line in section.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 8 and cells[0] in PAPER_TABLE_9:
             rows[cells[0]] = tuple(float(c) for c in cells[1:])
@@ -1147,17 +1151,28 @@ def outcome(out_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(ckpt, tmp_path_factory):
-    glue_dir = write_rte(tmp_path_factory.mktemp("data") / "glue")
-    out = tmp_path_factory.mktemp("reference")
-    run_cli(*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", out)
-    return glue_dir, outcome(out)
+    """The data, and what each run ends with when nothing interrupts it (per flags)."""
+    glue_dir, outcomes = write_rte(tmp_path_factory.mktemp("data") / "glue"), {}
+
+    def run(*flags):
+        if flags not in outcomes:
+            out = tmp_path_factory.mktemp("reference")
+            run_cli(*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", out, *flags)
+            outcomes[flags] = outcome(out)
+        return outcomes[flags]
+    return glue_dir, run
 
 
-@pytest.mark.parametrize("kill_before_step", [8, 11])   # mid-epoch 1; between epochs 1 and 2
+@pytest.mark.parametrize("kill_before_step, flags", [
+    (8, ()),                 # mid-epoch 1: the last checkpoint is step 6's
+    (11, ()),                # between epochs 1 and 2
+    (8, ("--bf16",)),        # bf16 autocast (on CPU)
+])
 def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupted, tmp_path,
-                                                               kill_before_step):
-    glue_dir, (expected, expected_adapter) = uninterrupted
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+                                                               kill_before_step, flags):
+    glue_dir, reference = uninterrupted
+    expected, expected_adapter = reference(*flags)
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path, *flags]
     p = run_signalled(argv, kill_before_step)
     assert p.returncode == -signal.SIGKILL
     s = json.loads(next(tmp_path.rglob("*.json")).read_text())  # valid JSON, still "running"
@@ -1176,7 +1191,8 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
         ckpt, uninterrupted, tmp_path, sig):
-    glue_dir, (expected, expected_adapter) = uninterrupted
+    glue_dir, reference = uninterrupted
+    expected, expected_adapter = reference()
     argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
     p = run_signalled(argv, 7, sig)                          # finishes step 7, then stops
     assert p.returncode == 128 + getattr(signal, sig)
@@ -1218,6 +1234,12 @@ def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"unfinished \(interrupted, 1 epoch\(s\) done\): "
                                          r"pass --resume"):
         run_cli(*argv)
+    next(tmp_path.rglob("*_checkpoint.pt")).unlink()             # killed before its first one
+    with pytest.raises(SystemExit, match=r"unfinished .* and has no checkpoint: pass "
+                                         r"--overwrite to start over"):
+        run_cli(*argv)
+    with pytest.raises(SystemExit, match=r"nothing to resume: .*; pass --overwrite"):
+        run_cli(*argv, "--resume")
     assert run_cli(*argv, "--overwrite")["status"] == "finished"
     assert not list(tmp_path.rglob("*_checkpoint.pt"))
 

@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=8 train.py mnli 42       # one run over 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
         train.py mnli 42                        # ... over 2 machines (node_rank 1 on the other)
-    python train.py --plan table4 | xargs -P 4 -I{} sh -c {}   # all 80 runs of Table 4
+    python train.py --plan table4 | parallel -j 8 'CUDA_VISIBLE_DEVICES=$(({%}-1)) sh -c {}'
     python train.py --predict RUN.json "A man is eating." "A man eats."
     python report.py .logs                      # the table over all finished runs
 
@@ -124,7 +124,7 @@ class TrainConfig:
         """The settings that differ from this task's defaults: what names a row in a report."""
         default = TrainConfig(self.task, self.seed, method=self.method)
         skip = {"task", "seed", "model", "out_dir", "device", "overwrite", "save_merged", "data",
-                "eval_batch_size", "resume", "save_every", "keep_checkpoint"} | (
+                "eval_batch_size", "compile", "resume", "save_every", "keep_checkpoint"} | (
                     {"lam", "lam_lr"} if self.method == "lora" else {"alpha"})
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip
                 and getattr(self, f.name) != getattr(default, f.name)}
@@ -489,6 +489,21 @@ def load_checkpoint(path, cfg, dist):
     return state
 
 
+def restore(state, model, optimizer, scheduler, data_rng, dist):
+    """Put an interrupted run back where its checkpoint left it: trainable tensors, AdamW,
+    schedule, random streams. Returns (progress, summary, best_state)."""
+    load_adapter_state_dict(model, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    progress = Progress(**state["progress"])
+    if progress.order is not None:
+        progress.order = [b.numpy() for b in progress.order]
+    set_rng_state(state["rng"][dist.rank], data_rng)
+    summary = json.loads(state["summary"])
+    summary.update(status="running", resumed=summary.get("resumed", 0) + 1)
+    return progress, summary, state["best_state"]
+
+
 def existing_run(cfg, paths):
     """What is on disk under this run's name decides: 'fresh', 'resume' or 'ended' (finished
     or diverged: nothing to do with --resume); bad combinations are one-line errors."""
@@ -509,16 +524,19 @@ def existing_run(cfg, paths):
         if cfg.resume:
             return "ended"
         raise UsageError(f"{paths['json']} exists ({status}); pass --overwrite to run it again")
+    has_checkpoint = paths["checkpoint"].exists()
     if cfg.resume:
-        if not paths["checkpoint"].exists():
-            raise UsageError(f"nothing to resume: no checkpoint {paths['checkpoint']}; run "
-                             f"without --resume")
+        if not has_checkpoint:
+            hint = "run without --resume" if summary is None else "pass --overwrite to start over"
+            raise UsageError(f"nothing to resume: no checkpoint {paths['checkpoint']}; {hint}")
         return "resume"
-    if summary is not None or paths["checkpoint"].exists():
+    if summary is not None or has_checkpoint:
         done = len((summary or {}).get("epochs", []))
-        raise UsageError(f"{paths['json'].with_suffix('')} is unfinished ({status or 'no JSON'}"
-                         f", {done} epoch(s) done): pass --resume to continue it, or "
-                         f"--overwrite to start over")
+        what = f"{paths['json'].with_suffix('')} is unfinished ({status or 'no JSON'}, {done} " \
+               f"epoch(s) done)"
+        if not has_checkpoint:  # stopped before its first checkpoint
+            raise UsageError(f"{what} and has no checkpoint: pass --overwrite to start over")
+        raise UsageError(f"{what}: pass --resume to continue it, or --overwrite to start over")
     return "fresh"
 
 
@@ -582,15 +600,8 @@ def train(cfg: TrainConfig):
                    val=None, test=None)
     data_rng, progress, best_state = np.random.RandomState(cfg.seed), Progress(), None
     if resumed:
-        load_adapter_state_dict(model, resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        progress = Progress(**resumed["progress"])
-        if progress.order is not None:
-            progress.order = [b.numpy() for b in progress.order]
-        set_rng_state(resumed["rng"][dist.rank], data_rng)
-        summary, best_state = json.loads(resumed["summary"]), resumed["best_state"]
-        summary.update(status="running", resumed=summary.get("resumed", 0) + 1)
+        progress, summary, best_state = restore(resumed, model, optimizer, scheduler, data_rng,
+                                                dist)
         t_start -= summary.get("wall_time_s", 0)
         say(f"resumed at epoch {progress.epoch}, batch {progress.done} (step {progress.step})")
     if dist.main:
