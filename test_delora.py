@@ -1244,6 +1244,18 @@ def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
     assert not list(tmp_path.rglob("*_checkpoint.pt"))
 
 
+def test_a_second_ctrl_c_stops_at_once_but_torchruns_sigterm_does_not():
+    before = signal.getsignal(signal.SIGINT)
+    with train.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.agree(train.Dist())
+        os.kill(os.getpid(), signal.SIGTERM)          # torchrun passing the Ctrl-C on
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
 def test_files_are_replaced_atomically(tmp_path):
     path = tmp_path / "run.json"
     path.write_text('{"status": "running"}')
