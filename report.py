@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,19 @@ def load_runs(out_dir):
         if not (isinstance(s, dict) and RUN_KEYS <= set(s)):
             warn(f"skipped {path}: not a run summary")
             continue
+        try:
+            config(s)
+        except (TypeError, ValueError, AttributeError) as e:
+            warn(f"skipped {path}: its settings are not train.py's ({e})")
+            continue
         runs.append(dict(s, path=str(path)))
     return runs
+
+
+def config(run):
+    """The run's TrainConfig; settings this version does not know are left out."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in run["settings"].items() if k in known})
 
 
 def warn(message):
@@ -56,7 +68,7 @@ def result(run):
 
 def row_name(run, ignore=()):
     """'<model> <method> (<settings that differ from the task's defaults>)'."""
-    cfg = TrainConfig(**run["settings"])
+    cfg = config(run)
     extra = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in sorted(cfg.overrides().items()) if k not in ignore)
     return f"{cfg.model_tag()} {cfg.method}" + (f" ({extra})" if extra else "")

@@ -1473,12 +1473,15 @@ def test_report_skips_corrupt_and_foreign_json_naming_them(tmp_path, capsys):
     (tmp_path / "rte" / "broken.json").write_text('{"task": "rte", ')       # killed mid-write
     (tmp_path / "bench.json").write_text(json.dumps({"hardware": "cpu"}))    # not a run
     (tmp_path / "list.json").write_text("[1, 2]")
+    alien = json.loads(fake_run(tmp_path, "rte", 43, 0.5).read_text())
+    alien["settings"]["task"] = "wnli"                                        # not ours
+    (tmp_path / "alien.json").write_text(json.dumps(alien))
     report.main([str(tmp_path)])
     out, err = capsys.readouterr()
-    assert "70.0 ± 0.0 (1)" in out
-    for name in ("broken.json", "bench.json", "list.json"):
+    assert "60.0 ± 14.1 (2)" in out
+    for name in ("broken.json", "bench.json", "list.json", "alien.json"):
         assert name in err
-    assert err.count("warning") == 3
+    assert err.count("warning") == 4
 
 
 @pytest.mark.parametrize("make, message", [
