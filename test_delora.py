@@ -1341,6 +1341,18 @@ def test_bad_input_under_torchrun_ends_every_process_with_one_line(ckpt, ddp_dat
     assert p.returncode != 0 and (p.stdout + p.stderr).count("unknown task 'wnli'") == 1
 
 
+def test_shards_and_weights_make_the_global_batch_mean():
+    losses = np.array([0.3, 1.2, 0.7, 2.0, 0.1])                # per example, a batch of 5
+    for batch in (np.arange(5), np.arange(1)):                  # 3 + 2 examples; 1 + none
+        parts = [train.Dist(rank=r, world=2).shard(batch) for r in (0, 1)]
+        assert [(p.tolist(), w) for p, w in parts] == ([([0, 1, 2], 1.2), ([3, 4], 0.8)]
+                                                       if len(batch) == 5 else
+                                                       [([0], 2.0), ([0], 0.0)])
+        averaged = np.mean([w * losses[p].mean() for p, w in parts])   # what DDP averages
+        assert averaged == pytest.approx(losses[batch].mean())
+    assert train.Dist().shard(np.arange(5))[1] == 1.0
+
+
 def test_plan_prints_the_80_runs_of_table_4(capsys, tmp_path):
     lines = train.main(["--plan", "table4", "--data", str(tmp_path)])
     assert capsys.readouterr().out.splitlines() == lines and len(lines) == 80
