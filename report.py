@@ -164,72 +164,81 @@ def plots(runs, directory):
             print(f"skipped {name}.png: {why}")
             continue
         path = directory / f"{name}.png"
-        fig.savefig(path, dpi=90, bbox_inches="tight")
+        fig.savefig(path, dpi=80, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
         print(f"wrote {path}")
     return written
 
 
-def _panels(plt, n_rows, n_cols, w=4.2, h=3.0):
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(w * n_cols, h * n_rows), squeeze=False)
-    return fig, axes
+def _settings(run):
+    """{'model', 'method', and each setting off its default but --lr-mult}, as strings."""
+    cfg = config(run)
+    d = dict(model=cfg.model_tag(), method=cfg.method)
+    d.update((k, f"{v:g}" if isinstance(v, float) else str(v))
+             for k, v in sorted(cfg.overrides().items()) if k != "lr_mult")
+    return d
 
 
-def _band(ax, x, per_x, label, color, marker="o"):
-    """A mean line with a ± sample-std band over the values at each x."""
-    x = [v for v in x if per_x.get(v)]
+def _labels(runs):
+    """What all the runs share (the figure's title), and a short label for each run: the
+    method and the settings that tell it apart from the others."""
+    settings = [_settings(r) for r in runs]
+    common = {k: v for k, v in settings[0].items() if all(d.get(k) == v for d in settings)}
+
+    def text(d):
+        return ", ".join(v if k in ("model", "method") else f"{k}={v}" for k, v in d.items())
+    labels = {id(r): text({k: v for k, v in d.items() if k not in common}) or d["method"]
+              for r, d in zip(runs, settings)}
+    return text(common), labels
+
+
+def _figure(plt, title, n, cols=4, w=4.0, h=3.0):
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows + 0.4), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=9)
+    return fig, list(axes.flat)
+
+
+def _band(ax, per_x, label, color, marker="o", style="-"):
+    """A line through the mean at each x, with a ± sample-std band over the values there."""
+    x = sorted(v for v in per_x if per_x[v])
     mean = np.array([np.mean(per_x[v]) for v in x])
     std = np.array([np.std(per_x[v], ddof=1) if len(per_x[v]) > 1 else 0.0 for v in x])
-    ax.plot(x, mean, marker=marker, ms=4, label=label, color=color)
+    ax.plot(x, mean, marker=marker, ms=4, label=label, color=color, ls=style)
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
 
 
-def _sweeps(ended):
-    """{task: {method row without lr_mult: runs}} for tasks whose runs vary --lr-mult."""
-    by_task = {}
-    for r in ended:
-        by_task.setdefault(r["task"], []).append(r)
-    sweeps = {}
-    for task, rs in by_task.items():
-        if len({r["settings"]["lr_mult"] for r in rs}) > 1:
-            for r in rs:
-                sweeps.setdefault(task, {}).setdefault(
-                    row_name(r, ignore=("lr_mult",)), []).append(r)
-    return sweeps
+def _group(runs, key):
+    groups = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _mult(r):
+    return r["settings"]["lr_mult"]
+
+
+def _sweep_tasks(ended, keep=lambda r: True):
+    """{task: runs} for the tasks whose runs (those `keep` accepts) vary --lr-mult."""
+    by_task = _group([r for r in ended if keep(r)], lambda r: r["task"])
+    return {t: rs for t, rs in sorted(by_task.items()) if len({_mult(r) for r in rs}) > 1}
 
 
 def _mark_diverged(ax, runs, y_of):
-    """Diverged runs: a red x at their value, or on the lower edge if they have none."""
+    """Diverged runs: a red x at their value, or a red ▼ on the lower edge if they have none."""
     for r in runs:
-        if r["status"] != "diverged":
-            continue
-        y = y_of(r)
-        m = r["settings"]["lr_mult"]
-        if y is None:
-            ax.plot([m], [0.02], "rv", ms=7, transform=ax.get_xaxis_transform())
-        else:
-            ax.plot([m], [y], "rx", ms=9, mew=2)
-
-
-def fig_robustness(plt, ended):
-    sweeps = _sweeps(ended)
-    if not sweeps:
-        return None, "no learning-rate sweep (runs with more than one --lr-mult per task)"
-    fig, axes = _panels(plt, 1, len(sweeps))
-    for ax, (task, methods) in zip(axes[0], sorted(sweeps.items())):
-        for i, (name, rs) in enumerate(sorted(methods.items())):
-            per = {}
-            for r in rs:
-                if result(r) is not None:
-                    per.setdefault(r["settings"]["lr_mult"], []).append(100 * result(r))
-            _band(ax, sorted(per), per, name, f"C{i}")
-            _mark_diverged(ax, rs, lambda r: None if result(r) is None else 100 * result(r))
-        ax.set(xscale="log", title=task, xlabel="learning-rate multiplier (A, B)",
-               ylabel=f"test {rs[0]['metric']} x100")
-        ax.plot([], [], "rx", label="diverged (result before the NaN)")
-        ax.legend(fontsize=7)
-    return fig, None
+        if r["status"] == "diverged":
+            y = y_of(r)
+            if y is None:
+                ax.plot([_mult(r)], [0.02], "rv", ms=7, transform=ax.get_xaxis_transform())
+            else:
+                ax.plot([_mult(r)], [y], "rx", ms=9, mew=2)
 
 
 def _last_diagnostics(r, key):
@@ -239,85 +248,82 @@ def _last_diagnostics(r, key):
     return float(np.mean(values)) if values else None
 
 
-def fig_update_size(plt, ended):
-    sweeps = _sweeps(ended)
-    sweeps = {t: {n: [r for r in rs if _last_diagnostics(r, "delta_norm") is not None]
-                  for n, rs in m.items()} for t, m in sweeps.items()}
-    sweeps = {t: {n: rs for n, rs in m.items() if rs} for t, m in sweeps.items()}
-    sweeps = {t: m for t, m in sweeps.items() if m}
-    if not sweeps:
-        return None, "no learning-rate sweep with adapter diagnostics"
-    fig, axes = _panels(plt, 1, len(sweeps))
-    for ax, (task, methods) in zip(axes[0], sorted(sweeps.items())):
-        for i, (name, rs) in enumerate(sorted(methods.items())):
-            for key, style in (("delta_norm", "-"), ("bound", "--")):
+def _vs_multiplier(plt, tasks, ylabel, series):
+    """One panel per task, x = learning-rate multiplier (log), one line per method;
+    series: [(diagnostic of a run -> y or None, line label suffix, marker, style)]."""
+    title, labels = _labels([r for rs in tasks.values() for r in rs])
+    fig, axes = _figure(plt, title, len(tasks))
+    for ax, (task, runs) in zip(axes, tasks.items()):
+        for i, (label, rs) in enumerate(sorted(_group(runs, lambda r: labels[id(r)]).items())):
+            for y_of, suffix, marker, style in series:
                 per = {}
                 for r in rs:
-                    v = _last_diagnostics(r, key)
-                    if v is not None:
-                        per.setdefault(r["settings"]["lr_mult"], []).append(v)
+                    if y_of(r) is not None:
+                        per.setdefault(_mult(r), []).append(y_of(r))
                 if per:
-                    label = name if key == "delta_norm" else f"{name}: bound 2|λ| max w"
-                    _band(ax, sorted(per), per, label, f"C{i}",
-                          marker="o" if key == "delta_norm" else "")
-                    ax.lines[-1].set_linestyle(style)
-            _mark_diverged(ax, rs, lambda r: _last_diagnostics(r, "delta_norm"))
-        ax.set(xscale="log", yscale="log", title=task, xlabel="learning-rate multiplier (A, B)",
-               ylabel="‖ΔW‖_F, mean over layers (last epoch)")
+                    _band(ax, per, label + suffix, f"C{i}", marker, style)
+            _mark_diverged(ax, rs, series[0][0])
+        ax.plot([], [], "rx", label="diverged: result before the NaN")
+        ax.set(xscale="log", title=task, xlabel="learning-rate multiplier of A, B",
+               ylabel=ylabel.format(metric=runs[0]["metric"]))
         ax.legend(fontsize=7)
+    return fig
+
+
+def fig_robustness(plt, ended):
+    tasks = _sweep_tasks(ended)
+    if not tasks:
+        return None, "no learning-rate sweep (runs with more than one --lr-mult per task)"
+    test = lambda r: None if result(r) is None else 100 * result(r)  # noqa: E731
+    return _vs_multiplier(plt, tasks, "test {metric} x100", [(test, "", "o", "-")]), None
+
+
+def fig_update_size(plt, ended):
+    tasks = _sweep_tasks(ended, lambda r: _last_diagnostics(r, "delta_norm") is not None)
+    if not tasks:
+        return None, "no learning-rate sweep with adapter diagnostics"
+    fig = _vs_multiplier(plt, tasks, "‖ΔW‖_F, mean over layers, last epoch", [
+        (lambda r: _last_diagnostics(r, "delta_norm"), "", "o", "-"),
+        (lambda r: _last_diagnostics(r, "bound"), ": bound 2|λ| max w", "", "--")])
+    for ax in fig.axes:
+        ax.set_yscale("log")
     return fig, None
 
 
-def _settings_grid(ended, keep):
-    """{(task, method): {setting label: runs}} over the runs `keep` accepts."""
-    grid = {}
-    for r in ended:
-        if keep(r):
-            cfg = r["settings"]
-            label = f"lr x{cfg['lr_mult']:g}" if cfg["lr_mult"] != 1 else "defaults"
-            key = (r["task"], row_name(r, ignore=("lr_mult",)))
-            grid.setdefault(key, {}).setdefault(label, []).append(r)
-    return grid
-
-
-def _by_mult(label):
-    return 1.0 if label == "defaults" else float(label.removeprefix("lr x"))
-
-
 def fig_validation(plt, ended):
-    grid = _settings_grid(ended, lambda r: len(r["epochs"]) > 0)
-    if not grid:
+    runs = [r for r in ended if r["epochs"]]
+    if not runs:
         return None, "no finished or diverged run with a validated epoch"
-    tasks = sorted({t for t, _ in grid})
-    methods = sorted({m for _, m in grid})
-    fig, axes = _panels(plt, len(tasks), len(methods))
-    for (task, method), settings in grid.items():
-        ax = axes[tasks.index(task)][methods.index(method)]
-        cmap = plt.get_cmap("viridis")
-        for i, label in enumerate(sorted(settings, key=_by_mult)):
+    title, labels = _labels(runs)
+    panels = _group(runs, lambda r: (r["task"], labels[id(r)]))
+    fig, axes = _figure(plt, title, len(panels))
+    cmap = plt.get_cmap("viridis")
+    for ax, ((task, label), rs) in zip(axes, sorted(panels.items())):
+        mults = sorted({_mult(r) for r in rs})
+        for m in mults:
             per = {}
-            for r in settings[label]:
-                for e in r["epochs"]:
-                    per.setdefault(e["epoch"], []).append(100 * e["val"][r["metric"]])
-            color = cmap(i / max(1, len(settings) - 1))
-            _band(ax, sorted(per), per, label, color, marker=".")
-        ax.set(title=f"{task}: {method}", xlabel="epoch",
-               ylabel=f"validation {settings[label][0]['metric']} x100")
+            for r in rs:
+                if _mult(r) == m:
+                    for e in r["epochs"]:
+                        per.setdefault(e["epoch"], []).append(100 * e["val"][r["metric"]])
+            color = cmap(mults.index(m) / max(1, len(mults) - 1))
+            _band(ax, per, f"lr x{m:g}", color, marker=".")
+        ax.set(title=f"{task}: {label}", xlabel="epoch",
+               ylabel=f"validation {rs[0]['metric']} x100")
         ax.legend(fontsize=6)
     return fig, None
 
 
 def fig_lambda(plt, ended):
-    grid = _settings_grid(ended, lambda r: r["settings"]["method"] == "delora"
-                          and any("adapters" in e for e in r["epochs"]))
-    if not grid:
+    runs = [r for r in ended if r["settings"]["method"] == "delora"
+            and any("adapters" in e for e in r["epochs"])]
+    if not runs:
         return None, "no DeLoRA run with adapter diagnostics"
-    panels = [(key, label) for key, settings in sorted(grid.items())
-              for label in sorted(settings, key=_by_mult)]
-    fig, axes = _panels(plt, 1, len(panels), w=3.6)
+    title, labels = _labels(runs)
+    panels = _group(runs, lambda r: (r["task"], labels[id(r)], _mult(r)))
+    fig, axes = _figure(plt, title, len(panels), w=3.4, h=2.6)
     cmap = plt.get_cmap("viridis")
-    for ax, ((task, method), label) in zip(axes[0], panels):
-        rs = grid[(task, method)][label]
+    for ax, ((task, label, m), rs) in zip(axes, sorted(panels.items())):
         layers = list(next(e for e in rs[0]["epochs"] if "adapters" in e)["adapters"])
         for j, layer in enumerate(layers):  # the mean over seeds, after each epoch
             per = {0: [r["settings"]["lam"] for r in rs]}
@@ -328,10 +334,10 @@ def fig_lambda(plt, ended):
             x = sorted(per)
             ax.plot(x, [np.mean(per[v]) for v in x], color=cmap(j / max(1, len(layers) - 1)),
                     ls="-" if layer.endswith("query") else "--", lw=1)
-        ax.set(title=f"{task}: {method}, {label}", xlabel="epochs done", ylabel="λ")
-    axes[0][0].plot([], [], "k-", label="query")
-    axes[0][0].plot([], [], "k--", label="value")
-    axes[0][0].legend(fontsize=7, title="color: layer depth", title_fontsize=7)
+        ax.set(title=f"{task}: {label}, lr x{m:g}", xlabel="epochs done", ylabel="λ")
+    axes[0].plot([], [], "k-", label="query")
+    axes[0].plot([], [], "k--", label="value")
+    axes[0].legend(fontsize=7, title="color: layer depth", title_fontsize=7)
     return fig, None
 
 
