@@ -665,13 +665,14 @@ def train(cfg: TrainConfig):
         end("interrupted")
         raise
 
-    # 5. report, and optionally export the best model as a merged HF checkpoint
-    end("finished")
+    # 5. optionally export the best model as a merged HF checkpoint; then the run has finished
+    # (killed during the export, it is still resumable: --resume exports again)
     if dist.main and cfg.save_merged and best_state is not None:
         load_adapter_state_dict(model, best_state)
         save_pretrained(merge_adapters(model).cpu(), cfg.save_merged,
                         tokenizer_from=resolve(cfg.model, "tokenizer").parent)
         say(f"merged model written to {cfg.save_merged}")
+    end("finished")
     say(f"done: best epoch {summary['best_epoch']}, test {summary['test']}; logs in "
         f"{paths['json'].parent}")
     return summary
