@@ -262,8 +262,13 @@ def _vs_multiplier(plt, tasks, ylabel, series):
                         per.setdefault(_mult(r), []).append(y_of(r))
                 if per:
                     _band(ax, per, label + suffix, f"C{i}", marker, style)
+                    if marker:  # each run too: a mean hides seeds that split (works / fails)
+                        ax.plot([m for m, v in per.items() for _ in v], sum(per.values(), []),
+                                ".", color=f"C{i}", alpha=0.5)
             _mark_diverged(ax, rs, series[0][0])
-        ax.plot([], [], "rx", label="diverged: result before the NaN")
+        ax.plot([], [], "k.", alpha=0.5, label="each run")
+        if any(r["status"] == "diverged" for r in runs):
+            ax.plot([], [], "rx", label="diverged: result before the NaN")
         ax.set(xscale="log", title=task, xlabel="learning-rate multiplier of A, B",
                ylabel=ylabel.format(metric=runs[0]["metric"]))
         ax.legend(fontsize=7)
