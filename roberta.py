@@ -227,11 +227,12 @@ class RobertaClassifier(nn.Module):
             nn.init.zeros_(m.bias)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False):
-        """The encoder's last hidden states, (batch, seq, hidden); zeros at padding.
+        """The encoder's last hidden states, (batch, seq, hidden).
 
-        Only the real tokens are computed. keep_padding=True computes every position of the
-        (B, T) batch, padding included: the plain padded computation, kept as the reference
-        that the tests and bench.py compare against (equal up to float rounding)."""
+        Only the real tokens are computed; padding positions hold zeros. keep_padding=True
+        computes every position of the (B, T) batch, padding included: the plain padded
+        computation, kept as the reference that the tests and bench.py compare against (equal
+        at the real tokens up to float rounding)."""
         B, T = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
