@@ -66,12 +66,22 @@ def result(run):
     return run["test"][run["metric"]] if run["test"] else None
 
 
+def settings(run, ignore=()):
+    """{'model', 'method', and each setting that differs from the task's defaults, but those
+    in `ignore`}, as strings: what tells runs apart in tables and figures."""
+    cfg = config(run)
+    d = dict(model=cfg.model_tag(), method=cfg.method)
+    d.update((k, f"{v:g}" if isinstance(v, float) else str(v))
+             for k, v in sorted(cfg.overrides().items()) if k not in ignore)
+    return d
+
+
 def row_name(run, ignore=()):
     """'<model> <method> (<settings that differ from the task's defaults>)'."""
-    cfg = config(run)
-    extra = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in sorted(cfg.overrides().items()) if k not in ignore)
-    return f"{cfg.model_tag()} {cfg.method}" + (f" ({extra})" if extra else "")
+    d = settings(run, ignore)
+    model, method = d.pop("model"), d.pop("method")
+    extra = ", ".join(f"{k}={v}" for k, v in d.items())
+    return f"{model} {method}" + (f" ({extra})" if extra else "")
 
 
 def cell(runs):
@@ -171,25 +181,16 @@ def plots(runs, directory):
     return written
 
 
-def _settings(run):
-    """{'model', 'method', and each setting off its default but --lr-mult}, as strings."""
-    cfg = config(run)
-    d = dict(model=cfg.model_tag(), method=cfg.method)
-    d.update((k, f"{v:g}" if isinstance(v, float) else str(v))
-             for k, v in sorted(cfg.overrides().items()) if k != "lr_mult")
-    return d
-
-
 def _labels(runs):
     """What all the runs share (the figure's title), and a short label for each run: the
     method and the settings that tell it apart from the others."""
-    settings = [_settings(r) for r in runs]
-    common = {k: v for k, v in settings[0].items() if all(d.get(k) == v for d in settings)}
+    every = [settings(r, ignore=("lr_mult",)) for r in runs]
+    common = {k: v for k, v in every[0].items() if all(d.get(k) == v for d in every)}
 
     def text(d):
         return ", ".join(v if k in ("model", "method") else f"{k}={v}" for k, v in d.items())
     labels = {id(r): text({k: v for k, v in d.items() if k not in common}) or d["method"]
-              for r, d in zip(runs, settings)}
+              for r, d in zip(runs, every)}
     return text(common), labels
 
 
