@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import delora
 import glue
 import roberta
+import run
 import train
 
 CONFIGS = {
@@ -39,7 +40,6 @@ CONFIGS = {
     "c_delora": "+ DeLoRA, low-rank path",
     "d_delora_full": "+ DeLoRA, full ΔW per forward (official)",
 }
-TASK_BATCH = {"rte": 32, "sst2": 32}  # the paper's batch sizes (train.HPARAMS)
 
 
 class DeLoRAFullMatrix(delora.DeLoRALinear):
@@ -100,11 +100,11 @@ def real_batches(task, args, batch_size, grouped):
     and the padding fraction over the whole epoch."""
     tok = roberta.load_tokenizer(args.tokenizer, max_length=256)
     ds = glue.read_tsv(task, Path(args.data) / glue.TASKS[task].folder / "train.tsv")
-    enc = glue.encode(task, ds, tok)
+    enc = glue.encode(task, ds, tok, pad_id=1)  # roberta's pad id
     lengths = enc.lengths
     order = glue.batch_order(lengths, batch_size, np.random.RandomState(0), grouped)
     padding = 1 - lengths.sum() / sum(len(b) * lengths[b].max() for b in order)
-    batches = [enc.batch(b, 1) for b in order[:args.warmup + args.steps]]
+    batches = [enc.batch(b) for b in order[:args.warmup + args.steps]]
     for b in batches:  # roberta has one token type, whatever tokenizer measured the lengths
         b["token_type_ids"].zero_()
     return batches, padding, len(order)
@@ -118,7 +118,7 @@ def peak_mb(device):
 
 def bench_one(case, args):
     """One case, in this process: a JSON line with step time and peak memory."""
-    device = train.pick_device(args.device)
+    device = run.pick_device(args.device)
     model = build(case.get("config", "c_delora"), device)
     if case.get("padded"):  # the padded reference: every position computed
         model.forward = functools.partial(model.forward, keep_padding=True)
@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--data", default=str(Path(__file__).parent.parent / "shared" / "glue"),
+    p.add_argument("--data", default=str(glue.LOCAL_GLUE),
                    help="classic GLUE folder with RTE/ and SST-2/ (for the padding table)")
     p.add_argument("--tokenizer", help="checkpoint whose tokenizer measures lengths (default: "
                    "the MiniLM package if installed; roberta-base needs the hub)")
@@ -159,7 +159,7 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    device = train.pick_device(args.device)
+    device = run.pick_device(args.device)
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 5)
@@ -193,7 +193,7 @@ def main(argv=None):
               f"real tokens/s | peak memory (MB, {memory}) |")
         print("|---|---|---|---|---|---|---|---|")
         for task in ("rte", "sst2"):
-            for batch in sorted({8, TASK_BATCH[task]}):
+            for batch in sorted({8, train.HPARAMS[task].batch_size}):  # and the paper's
                 for grouped, padded in ((False, True), (False, False), (True, False)):
                     r = run_case(dict(task=task, batch=batch, grouped=grouped, padded=padded),
                                  argv)

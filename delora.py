@@ -175,15 +175,13 @@ def add_adapters(model, method="delora", targets=("query", "value"), r=8, lam=4.
     if not names:
         raise ValueError(f"no nn.Linear named {list(targets)} found outside the head")
     model.requires_grad_(False)
+    strength = dict(lam=lam) if method == "delora" else dict(alpha=alpha)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        scale = lam if method == "delora" else alpha
-        setattr(parent, child, ADAPTERS[method](base, r, scale, dropout))
+        setattr(parent, child, ADAPTERS[method](base, r, dropout=dropout, **strength))
     model.get_submodule(head).requires_grad_(True)
-    model.adapter_config = dict(method=method, targets=list(targets), r=r, lam=lam,
-                                alpha=alpha, dropout=dropout, head=head)
     return model
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,9 @@ TASKS = {
                  ("sentence1", "sentence2", "score")),
 }
 LARGE_TASKS = ("mnli", "qnli", "qqp")  # their new validation set is 1000 examples
+# Where bench.py and the tests look for the classic GLUE TSV files by default (train.py's --data
+# has no default: it takes the hub's copy).
+LOCAL_GLUE = Path(__file__).resolve().parent.parent / "shared" / "glue"
 
 
 def get_task(name):
@@ -164,10 +166,12 @@ def _label(spec, text, path, line):
 
 @dataclass
 class Encoded:
-    """A tokenized split: token ids and type ids per example (unpadded), and the labels."""
+    """A tokenized split: token ids and type ids per example (unpadded), the labels, and the
+    model's pad id that batches are padded with."""
     ids: list
     type_ids: list
     labels: np.ndarray
+    pad_id: int
 
     def __len__(self):
         return len(self.ids)
@@ -176,10 +180,11 @@ class Encoded:
     def lengths(self):
         return np.array([len(x) for x in self.ids])
 
-    def batch(self, idx, pad_id):
+    def batch(self, idx):
         """Examples idx -> padded tensors, (B, T) with T the longest of the batch."""
+        import torch  # here only: report.py reads TASKS without torch
         T = max(len(self.ids[i]) for i in idx)
-        input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(idx), T), self.pad_id, dtype=torch.long)
         token_type_ids = torch.zeros((len(idx), T), dtype=torch.long)
         attention_mask = torch.zeros((len(idx), T), dtype=torch.long)
         for row, i in enumerate(idx):
@@ -191,15 +196,16 @@ class Encoded:
                     token_type_ids=token_type_ids, labels=torch.from_numpy(self.labels[idx]))
 
 
-def encode(task, dataset, tokenizer):
-    """Tokenize a split once, with the tokenizers batch API (pairs for two-text tasks)."""
+def encode(task, dataset, tokenizer, pad_id):
+    """Tokenize a split once, with the tokenizers batch API (pairs for two-text tasks); pad_id:
+    the model's (config.pad_token_id), what its batches are padded with."""
     spec = get_task(task)
     columns = [dataset[k] for k in spec.text_keys]
     texts = columns[0] if len(columns) == 1 else list(zip(*columns))
     enc = tokenizer.encode_batch(texts)
     dtype = np.float32 if spec.num_labels == 1 else np.int64
     return Encoded([e.ids for e in enc], [e.type_ids for e in enc],
-                   np.asarray(dataset["label"], dtype=dtype))
+                   np.asarray(dataset["label"], dtype=dtype), pad_id)
 
 
 def batch_order(lengths, batch_size, rng=None, group_by_length=False, chunk=50):

@@ -13,19 +13,17 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from glue import TASKS
-from train import TrainConfig
+from glue import TASKS  # the task table only: neither torch nor train.py is imported here
 
 PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x100, 5 seeds)
     "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
     "LoRA (paper)": (86.6, 93.9, 88.7, 59.7, 92.6, 90.4, 75.3, 90.3),
 }
-RUN_KEYS = {"task", "seed", "status", "settings", "metric", "epochs", "test"}
+RUN_KEYS = {"task", "seed", "status", "settings", "overrides", "metric", "epochs", "test"}
 ENDED = ("finished", "diverged")  # what counts; "running" and "interrupted" do not
 
 
@@ -42,19 +40,21 @@ def load_runs(out_dir):
         if not (isinstance(s, dict) and RUN_KEYS <= set(s)):
             warn(f"skipped {path}: not a run summary")
             continue
-        try:
-            config(s)
-        except (TypeError, ValueError, AttributeError) as e:
-            warn(f"skipped {path}: its settings are not train.py's ({e})")
+        settings = s["settings"]
+        if not (isinstance(settings, dict) and settings.get("task") in TASKS
+                and settings.get("method") in ("delora", "lora")
+                and isinstance(s["overrides"], dict)):
+            warn(f"skipped {path}: its settings are not train.py's (task "
+                 f"{settings.get('task') if isinstance(settings, dict) else None!r})")
             continue
         runs.append(dict(s, path=str(path)))
     return runs
 
 
-def config(run):
-    """The run's TrainConfig; settings this version does not know are left out."""
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in run["settings"].items() if k in known})
+def model_tag(run):
+    """The model's name in the run's folder (train.py writes OUT_DIR/MODEL_TAG/TASK/<run>.json);
+    newer summaries also store it."""
+    return run.get("model_tag") or Path(run["path"]).parent.parent.name
 
 
 def warn(message):
@@ -67,12 +67,12 @@ def result(run):
 
 
 def settings(run, ignore=()):
-    """{'model', 'method', and each setting that differs from the task's defaults, but those
-    in `ignore`}, as strings: what tells runs apart in tables and figures."""
-    cfg = config(run)
-    d = dict(model=cfg.model_tag(), method=cfg.method)
+    """{'model', 'method', and each setting that differs from the task's defaults (the run's
+    `overrides`, as train.py stored them), but those in `ignore`}, as strings: what tells runs
+    apart in tables and figures."""
+    d = dict(model=model_tag(run), method=run["settings"]["method"])
     d.update((k, f"{v:g}" if isinstance(v, float) else str(v))
-             for k, v in sorted(cfg.overrides().items()) if k not in ignore)
+             for k, v in sorted(run["overrides"].items()) if k not in ignore)
     return d
 
 

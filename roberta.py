@@ -418,6 +418,19 @@ def save_pretrained(model, directory, tokenizer_from=None):
                 (directory / f).write_bytes(src.read_bytes())
 
 
+def check_max_length(max_length, tokenizer, config, pair):
+    """--max-length must fit the position embeddings (else an IndexError deep in the model on
+    the first long example) and hold the special tokens (else `tokenizers` silently leaves
+    the sequences untruncated): RoBERTa pairs need 4 (<s> A </s></s> B </s>), BERT pairs 3."""
+    if max_length > config.max_tokens:
+        raise ValueError(f"--max-length {max_length} is more than the model's "
+                         f"{config.max_tokens} positions; use at most {config.max_tokens}")
+    need = tokenizer.num_special_tokens_to_add(pair)
+    if max_length < need:
+        raise ValueError(f"--max-length {max_length} cannot hold the {need} special tokens of "
+                         f"{'a pair' if pair else 'a sentence'}; use at least {need}")
+
+
 def load_tokenizer(name_or_path="FacebookAI/roberta-base", max_length=256):
     """The checkpoint's tokenizer (tokenizer.json, or vocab.json + merges.txt as RoBERTa's
     byte-level BPE), set to our settings: no padding, longest-first truncation to max_length.

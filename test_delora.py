@@ -5,11 +5,12 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ import torch.nn as nn
 
 import delora
 import glue
+import predict
 import report
 import roberta
+import run
 import train
 from delora import DeLoRALinear, LoRALinear, add_adapters
 
@@ -108,8 +111,8 @@ def bert_ckpt(tmp_path_factory):
 
 def batch(tok, texts, pad_id, pairs=None):
     enc = tok.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
-    e = glue.Encoded([x.ids for x in enc], [x.type_ids for x in enc], np.zeros(len(enc)))
-    b = e.batch(np.arange(len(enc)), pad_id)
+    e = glue.Encoded([x.ids for x in enc], [x.type_ids for x in enc], np.zeros(len(enc)), pad_id)
+    b = e.batch(np.arange(len(enc)))
     return b["input_ids"], b["attention_mask"], b["token_type_ids"]
 
 
@@ -387,8 +390,9 @@ def test_real_minilm_checkpoint_gives_the_reference_hidden_states():
     enc = [tok.encode(a) if b is None else tok.encode(a, b) for a, b in ref["texts"]]
     assert [e.ids for e in enc] == ref["input_ids"]
     assert [e.type_ids for e in enc] == ref["token_type_ids"]
-    e = glue.Encoded([x.ids for x in enc], [x.type_ids for x in enc], np.zeros(len(enc)))
-    b = e.batch(np.arange(len(enc)), model.config.pad_token_id)
+    e = glue.Encoded([x.ids for x in enc], [x.type_ids for x in enc], np.zeros(len(enc)),
+                     model.config.pad_token_id)
+    b = e.batch(np.arange(len(enc)))
     with torch.no_grad():
         padded = model.encode(b["input_ids"], b["attention_mask"], b["token_type_ids"])
         alone = [model.encode(torch.tensor([x.ids]), None, torch.tensor([x.type_ids]))[0]
@@ -790,9 +794,10 @@ def test_encode_and_batches(ckpt):
     import datasets
     ds = datasets.Dataset.from_dict({"sentence1": SENTENCES[:6], "sentence2": SENTENCES[5:11],
                                      "label": [0, 1] * 3})
-    enc = glue.encode("rte", ds, tok)
+    enc = glue.encode("rte", ds, tok, pad_id=1)
     assert enc.ids[0] == tok.encode(SENTENCES[0], SENTENCES[5]).ids
-    b = enc.batch(np.array([0, 1]), pad_id=1)
+    b = enc.batch(np.array([0, 1]))
+    assert (b["input_ids"][b["attention_mask"] == 0] == 1).all()     # padded with its pad id
     assert b["input_ids"].shape[1] == max(len(enc.ids[0]), len(enc.ids[1]))
     assert b["attention_mask"].sum(1).tolist() == [len(enc.ids[0]), len(enc.ids[1])]
     lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4, 6, 10])
@@ -874,7 +879,7 @@ def test_test_split_is_evaluated_only_when_validation_strictly_improves(ckpt, tm
     data = write_rte(tmp_path / "glue", n_dev=31)      # new validation 15, new test 16 examples
     val_scores, calls = iter([0.5, 0.5, 0.7, 0.7, 0.6]), []
 
-    def scripted(task, model, enc, *args, **kwargs):   # ties and a drop, worked by hand
+    def scripted(model, enc, cfg):                     # ties and a drop, worked by hand
         split = {15: "val", 16: "test"}[len(enc)]
         calls.append(split)
         return {"accuracy": next(val_scores) if split == "val" else 0.1 * len(calls)}
@@ -892,12 +897,12 @@ def test_test_split_is_evaluated_only_when_validation_strictly_improves(ckpt, tm
 def test_reported_test_metric_is_the_saved_adapter_on_the_test_split(ckpt, glue_dir, tmp_path):
     s = run_cli("rte", 5, "--model", ckpt, "--data", glue_dir, "--epochs", 3, "--batch-size", 8,
                 "--lr", 0.03, "--out-dir", tmp_path)
-    model, tok, cfg = train.load_finetuned(next(tmp_path.rglob(f"{s['run_name']}.json")))
+    model, tok, cfg = predict.load_finetuned(next(tmp_path.rglob(f"{s['run_name']}.json")))
     _, val_ds, test_ds = glue.load_glue("rte", 5, glue_dir)   # the split is the seed's
     scores = {}
     for name, ds in (("val", val_ds), ("test", test_ds)):
-        enc = glue.encode("rte", ds, tok)
-        preds = train.predict(model, enc, 1, torch.device("cpu"))
+        enc = glue.encode("rte", ds, tok, pad_id=1)
+        preds = train.predict(model, enc)
         scores[name] = glue.compute_metrics("rte", preds, enc.labels)
     assert scores["test"] == s["test"] and scores["val"] == s["val"]
     assert scores["test"] != scores["val"]              # so the two cannot be confused
@@ -925,11 +930,11 @@ def test_data_order_follows_the_seed_and_changes_every_epoch(ckpt, glue_dir, tmp
         return order
     monkeypatch.setattr(train, "batch_order", spy)
     orders = {}
-    for run, seed in enumerate((11, 11, 12)):
+    for i, seed in enumerate((11, 11, 12)):
         seen.clear()
         run_cli("rte", seed, "--model", ckpt, "--data", glue_dir, "--epochs", 2,
-                "--batch-size", 8, "--out-dir", tmp_path / str(run))
-        orders[run] = list(seen)
+                "--batch-size", 8, "--out-dir", tmp_path / str(i))
+        orders[i] = list(seen)
     assert orders[0] == orders[1] and orders[0] != orders[2]
     assert orders[0][0] != orders[0][1]                  # reshuffled each epoch
     assert orders[0][0] == np.random.RandomState(11).permutation(40).tolist()
@@ -988,7 +993,7 @@ def test_per_task_defaults_and_overrides():
         "delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42"
     assert train.TrainConfig("rte", 42, lr_mult=2).run_name().startswith(
         "delora_r8_lam4_lr0.01x2_lamlr0.01_")              # not lr0.02: the head is not scaled
-    assert train.TrainConfig("rte", 1).model_tag() == \
+    assert run.model_tag(train.TrainConfig("rte", 1).model) == \
         "FacebookAI_roberta-base"
 
 
@@ -1228,9 +1233,12 @@ def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
         run_cli(*argv, "--resume", "--overwrite")
     json_path = next(tmp_path.rglob("*.json"))
     json_path.write_text(json_path.read_text().replace('"finished"', '"interrupted"'))
-    with pytest.raises(SystemExit, match=r"settings differ from the checkpoint's: "
-                                         r"--eval-batch-size 7 \(checkpoint: 128\)"):
-        run_cli(*argv, "--resume", "--eval-batch-size", 7)
+    other = shutil.copytree(glue_dir, tmp_path / "other")           # the same files elsewhere
+    with pytest.raises(SystemExit) as e:  # how the run executes (eval batches) may differ
+        run_cli(*argv, "--resume", "--eval-batch-size", 7, "--data", other)
+    assert str(e.value.code).endswith(f"settings differ from the checkpoint's: --data {other} "
+                                      f"(checkpoint: {glue_dir}) (resume with the same options, "
+                                      f"or --overwrite to start over)")
     with pytest.raises(SystemExit, match=r"unfinished \(interrupted, 1 epoch\(s\) done\): "
                                          r"pass --resume"):
         run_cli(*argv)
@@ -1246,9 +1254,9 @@ def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
 
 def test_a_second_ctrl_c_stops_at_once_but_torchruns_sigterm_does_not():
     before = signal.getsignal(signal.SIGINT)
-    with train.StopRequest() as stop:
+    with run.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT and stop.agree(train.Dist())
+        assert stop.signum == signal.SIGINT and stop.agree(run.Dist())
         os.kill(os.getpid(), signal.SIGTERM)          # torchrun passing the Ctrl-C on
         assert stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
@@ -1264,9 +1272,9 @@ def test_files_are_replaced_atomically(tmp_path):
         p.write_text('{"status": "fini')
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train.write_atomic(path, killed_halfway)
+        run.write_atomic(path, killed_halfway)
     assert json.loads(path.read_text()) == {"status": "running"}   # the previous valid version
-    train.write_atomic(path, lambda p: p.write_text('{"status": "finished"}'))
+    run.write_atomic(path, lambda p: p.write_text('{"status": "finished"}'))
     assert json.loads(path.read_text()) == {"status": "finished"}
 
 
@@ -1275,11 +1283,11 @@ def test_command_rebuilds_the_options_that_differ(tmp_path):
     data.mkdir()
     cfg = train.TrainConfig("rte", 42, method="lora", lr_mult=2.0, data=str(data),
                             overwrite=True, bf16=True)
-    assert cfg.command(resume=True) == \
+    assert run.command(cfg, resume=True) == \
         f"rte 42 --method lora --data '{data}' --lr-mult 2.0 --bf16 --resume"
-    assert train.TrainConfig("rte", 42, lr_mult=2.0).command(resume=True) == \
+    assert run.command(train.TrainConfig("rte", 42, lr_mult=2.0), resume=True) == \
         "rte 42 --lr-mult 2.0 --resume"                        # the docstring's example
-    assert train.parse_args(shlex.split(cfg.command())) == replace(cfg, overwrite=False)
+    assert train.parse_args(shlex.split(run.command(cfg))) == replace(cfg, overwrite=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1344,13 +1352,13 @@ def test_bad_input_under_torchrun_ends_every_process_with_one_line(ckpt, ddp_dat
 def test_shards_and_weights_make_the_global_batch_mean():
     losses = np.array([0.3, 1.2, 0.7, 2.0, 0.1])                # per example, a batch of 5
     for batch in (np.arange(5), np.arange(1)):                  # 3 + 2 examples; 1 + none
-        parts = [train.Dist(rank=r, world=2).shard(batch) for r in (0, 1)]
+        parts = [run.Dist(rank=r, world=2).shard(batch) for r in (0, 1)]
         assert [(p.tolist(), w) for p, w in parts] == ([([0, 1, 2], 1.2), ([3, 4], 0.8)]
                                                        if len(batch) == 5 else
                                                        [([0], 2.0), ([0], 0.0)])
         averaged = np.mean([w * losses[p].mean() for p, w in parts])   # what DDP averages
         assert averaged == pytest.approx(losses[batch].mean())
-    assert train.Dist().shard(np.arange(5))[1] == 1.0
+    assert run.Dist().shard(np.arange(5))[1] == 1.0
 
 
 def test_plan_prints_the_80_runs_of_table_4(capsys, tmp_path):
@@ -1380,20 +1388,20 @@ def test_delora_and_head_learn_a_synthetic_task(tmp_path):
         texts.append(" ".join(w))
         labels.append(i % 2)
     ds = datasets.Dataset.from_dict({"sentence": texts, "label": labels})
-    enc = glue.encode("sst2", ds, tok)
+    enc = glue.encode("sst2", ds, tok, pad_id=1)
     torch.manual_seed(0)
     model = add_adapters(roberta.from_pretrained(ckpt, num_labels=2), r=4, lam=4.0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for epoch in range(8):
         model.train()
         for idx in glue.batch_order(enc.lengths[:120], 16, np.random.RandomState(epoch)):
-            b = enc.batch(idx, 1)
+            b = enc.batch(idx)
             loss = train.loss_fn(model(b["input_ids"], b["attention_mask"]), b["labels"])
             loss.backward()
             opt.step()
             opt.zero_grad()
-    held_out = glue.Encoded(enc.ids[120:], enc.type_ids[120:], enc.labels[120:])
-    preds = train.predict(model, held_out, 1, torch.device("cpu"))
+    held_out = glue.Encoded(enc.ids[120:], enc.type_ids[120:], enc.labels[120:], 1)
+    preds = train.predict(model, held_out)
     assert glue.accuracy(preds, held_out.labels) >= 0.85
 
 
@@ -1416,8 +1424,9 @@ def fake_run(out, task, seed, metric_value, method="delora", status="finished", 
                 d.update(lam=cfg.lam + 0.1 * e, bound=2 * (cfg.lam + 0.1 * e) * 1.5)
         records.append(dict(epoch=e, train_loss=1.0 / (e + 1), val={metric: value - 0.01 * e},
                             adapters=layers))
-    s = dict(task=task, seed=seed, status=status, settings=train.asdict(cfg),
-             overrides=cfg.overrides(), run_name=cfg.run_name(), metric=metric, epochs=records,
+    s = dict(task=task, seed=seed, status=status, settings=asdict(cfg),
+             overrides=cfg.overrides(), run_name=cfg.run_name(),
+             model_tag=run.model_tag(cfg.model), metric=metric, epochs=records,
              best_epoch=0 if metric_value else None,
              test={metric: metric_value} if metric_value else None)
     path = out / task / f"{cfg.run_name()}.json"
@@ -1583,13 +1592,13 @@ def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["problem_type"] == "regression" and config["num_labels"] == 1
     run_json = next((tmp_path / "logs").rglob(f"{s['run_name']}.json"))
-    model, tok, cfg = train.load_finetuned(run_json)
+    model, tok, cfg = predict.load_finetuned(run_json)
     merged = roberta.from_pretrained(tmp_path / "merged", num_labels=1)
     torch.testing.assert_close(logits_of(merged, tok), logits_of(model, tok), atol=1e-5, rtol=1e-5)
-    scores, probs = train.predict_texts(model, tok, "stsb", ["A man eats."], ["A man is eating."])
+    scores, probs = predict.predict_texts(model, tok, "stsb", ["A man eats."], ["A man is eating."])
     assert probs is None and isinstance(scores[0], float)
     capsys.readouterr()
-    train.main(["--predict", str(run_json), "A man eats.", "A man is eating."])
+    predict.main([str(run_json), "A man eats.", "A man is eating."])
     assert json.loads(capsys.readouterr().out)["prediction"] == pytest.approx(scores[0])
 
 

@@ -1,0 +1,607 @@
+"""The long-run mechanics of a training run: what lets train.py's protocol survive a kill, a
+Ctrl-C or a preemption, and spread over several processes. Nothing of the protocol is decided
+here, and this file never imports train.py: the protocol calls in, at a handful of points.
+
+    run = Run(cfg)                        # device, processes, the rules for an existing run
+    forward = run.distribute(model)       # compiled and/or DDP, as asked
+    run.start(model, optimizer, scheduler, data_rng)      # fresh, or restored on --resume
+    with run:                             # SIGINT/SIGTERM: finish the step, checkpoint, stop
+        for idx, weight in run.batches(draw_order):       # this process's shard of each batch
+            ...; run.step_done(loss)      # losses checked, mid-epoch checkpoints, stops
+        run.end_epoch(record, best_state)                 # checkpoint, logs, the epoch line
+    run.finish()
+
+What a run leaves beside its logs, and how: run names and paths; files written to a temporary
+name and renamed (a kill at any moment leaves the previous valid version); the checkpoint
+(trainable tensors, AdamW and schedule, progress, best adapter, every random stream), loaded
+without unpickling objects; SIGINT/SIGTERM; torchrun's process group, the sharding of a global
+batch and the loss all-reduce. nanoGPT's train.py does the same in a few lines for one process
+and no RNG state; we add what an exact resume needs.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from delora import adapter_state_dict, count_parameters, load_adapter_state_dict
+from glue import TASKS, get_task
+
+LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) per window
+
+
+class UsageError(Exception):
+    """Bad input (task, paths, files, values): printed as one line, no traceback."""
+
+
+class Diverged(Exception):
+    """The loss became NaN or inf."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the checkpoint is written; the message says how to resume."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def user_errors():
+    """What bad input raises while a run loads its data and model, as a UsageError."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unusable device
+        raise UsageError(str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and files
+
+def model_tag(model):
+    """The model as its hub id, or a local path's last two parts: FacebookAI_roberta-base."""
+    path = Path(model)
+    return ("_".join(path.resolve().parts[-2:]) if path.is_dir() else model).replace("/", "_")
+
+
+def run_name(cfg):
+    """The settings that change the numbers, as a file name:
+    delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42 for TrainConfig("rte", 42)."""
+    scale = f"lam{cfg.lam:g}" if cfg.method == "delora" else f"alpha{cfg.alpha:g}"
+    lam_lr = f"_lamlr{cfg.lam_lr:g}" if cfg.method == "delora" else ""
+    mult = f"x{cfg.lr_mult:g}" if cfg.lr_mult != 1 else ""
+    name = (f"{cfg.method}_r{cfg.r}_{scale}_lr{cfg.lr:g}{mult}{lam_lr}"
+            f"_bs{cfg.batch_size}_ep{cfg.epochs}_drop{cfg.dropout:g}_len{cfg.max_length}")
+    if cfg.max_train_samples:
+        name += f"_n{cfg.max_train_samples}"
+    if cfg.group_by_length:
+        name += "_grouped"
+    if cfg.bf16:
+        name += "_bf16"
+    return f"{name}_seed{cfg.seed}"
+
+
+def run_paths(cfg):
+    """OUT_DIR/MODEL_TAG/TASK/<run>{.txt, _TEST.txt, .json, _adapter.safetensors,
+    _checkpoint.pt}."""
+    d, n = Path(cfg.out_dir) / model_tag(cfg.model) / cfg.task, run_name(cfg)
+    return dict(log=d / f"{n}.txt", test=d / f"{n}_TEST.txt", json=d / f"{n}.json",
+                adapter=d / f"{n}_adapter.safetensors", checkpoint=d / f"{n}_checkpoint.pt")
+
+
+def write_atomic(path, write):
+    """write(tmp_path), then rename over path: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: the device, torchrun, signals
+
+def pick_device(name, local_rank=0):
+    """auto: cuda, then mps, then cpu; under torchrun each process takes cuda:LOCAL_RANK."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; try cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; try cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else \
+            "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun launch; rank 0 of 1 without torchrun. Rank 0 is the
+    one process that prints and writes files."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None  # set by start()
+
+    @classmethod
+    def from_env(cls):  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+        return cls(*(int(os.environ.get(k, d)) for k, d in
+                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def start(self, device):
+        """Join the process group: NCCL with one GPU per process, gloo on CPU."""
+        self.device = device
+        if self.world > 1:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def shard(self, idx):
+        """This process's part of a global batch, and the weight that makes the processes'
+        averaged gradients the global batch's mean: len(part) * world / len(batch). A process
+        left without an example (a last batch smaller than the world) still runs one, at
+        weight 0, so that every process joins the gradient all-reduce."""
+        part = np.array_split(idx, self.world)[self.rank]
+        if len(part) == 0:
+            return idx[:1], 0.0
+        return part, len(part) * self.world / len(idx)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask the run to stop after the current step and
+    write its checkpoint; a second Ctrl-C stops at once. (A SIGTERM after a Ctrl-C does not:
+    that is torchrun passing the Ctrl-C on.) Under torchrun, the processes agree on the step at
+    which to stop (`agree`)."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def agree(self, dist, requested=None):
+        """Whether any process was asked to stop: one all-reduce under torchrun, unless the
+        flags were already summed (`requested`, from Run.gather_losses)."""
+        if dist.world > 1 and requested is None:
+            flag = torch.tensor([float(self.signum is not None)], device=dist.device)
+            torch.distributed.all_reduce(flag)
+            requested = flag.item() > 0
+        if requested and self.signum is None:  # another process got the signal
+            self.signum = int(signal.SIGTERM)
+        return self.signum is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint: everything but the frozen weights, and every random stream
+
+@dataclass
+class Progress:
+    """Where the run is, besides tensors: what a checkpoint needs to continue exactly."""
+    epoch: int = 0                # the epoch being trained (== epochs once done)
+    order: list | None = None     # its batches (example indices); None: not drawn yet
+    done: int = 0                 # batches of `order` trained
+    loss_sum: float = 0.0         # their losses, added one by one (so a resumed mean is equal)
+    step: int = 0                 # optimizer steps of the whole run
+    best: float = -math.inf       # best validation score so far
+
+
+def rng_state(data_rng):
+    """Every random stream the run uses, as plain lists and tensors (no pickled objects)."""
+    def numpy(state):  # ('MT19937', keys, pos, has_gauss, cached_gaussian)
+        return [state[0], state[1].tolist(), *state[2:]]
+    version, internal, gauss = random.getstate()
+    return dict(python=[version, list(internal), gauss], numpy=numpy(np.random.get_state()),
+                data=numpy(data_rng.get_state()), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state, data_rng):
+    def numpy(s):
+        return (s[0], np.array(s[1], dtype=np.uint32), *s[2:])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state(numpy(state["numpy"]))
+    data_rng.set_state(numpy(state["data"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def existing_run(cfg, paths):
+    """What is on disk under this run's name decides: 'fresh', 'resume' or 'ended' (finished
+    or diverged: nothing to do with --resume); bad combinations are one-line errors."""
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    summary = None
+    if paths["json"].exists():
+        try:
+            summary = json.loads(paths["json"].read_text())
+        except ValueError:
+            summary = {}
+    status = (summary or {}).get("status")
+    if cfg.overwrite:
+        for key in ("checkpoint", "adapter"):
+            paths[key].unlink(missing_ok=True)
+        return "fresh"
+    if status in ("finished", "diverged"):
+        if cfg.resume:
+            return "ended"
+        raise UsageError(f"{paths['json']} exists ({status}); pass --overwrite to run it again")
+    has_checkpoint = paths["checkpoint"].exists()
+    if cfg.resume:
+        if not has_checkpoint:
+            hint = "run without --resume" if summary is None else "pass --overwrite to start over"
+            raise UsageError(f"nothing to resume: no checkpoint {paths['checkpoint']}; {hint}")
+        return "resume"
+    if summary is not None or has_checkpoint:
+        done = len((summary or {}).get("epochs", []))
+        what = f"{paths['json'].with_suffix('')} is unfinished ({status or 'no JSON'}, {done} " \
+               f"epoch(s) done)"
+        if not has_checkpoint:  # stopped before its first checkpoint
+            raise UsageError(f"{what} and has no checkpoint: pass --overwrite to start over")
+        raise UsageError(f"{what}: pass --resume to continue it, or --overwrite to start over")
+    return "fresh"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+class Run:
+    """One run as seen from outside the protocol: its device and processes, its files and
+    checkpoint, and the signals that stop it. train.train() makes one and calls it at the
+    points where the protocol meets the machinery (see the module docstring)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.dist, self.paths = cfg, Dist.from_env(), run_paths(cfg)
+        self.main = self.dist.main
+        self.say = print if self.main else (lambda *a, **k: None)  # only rank 0 prints
+        self.progress, self.best_state, self.stop = Progress(), None, StopRequest()
+        self.t_start = time.time()
+        with user_errors():
+            self.device = pick_device(cfg.device, self.dist.local_rank)
+        if cfg.batch_size < self.dist.world:
+            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the "
+                             f"{self.dist.world} processes: each needs at least one example of "
+                             f"every batch")
+        self.ended = existing_run(cfg, self.paths) == "ended"
+        self.summary = json.loads(self.paths["json"].read_text()) if self.ended else None
+        if self.ended:
+            self.say(f"{self.paths['json']}: already {self.summary['status']}; nothing to "
+                     f"resume")
+
+    def distribute(self, model):
+        """The module that training calls: compiled if asked (dynamic=True: the token count
+        changes with every batch, compile once for it) and, under torchrun, wrapped in DDP,
+        which averages the gradients of A, B, λ and the head over the processes. Each process
+        draws its own dropout masks (a stream seeded from the seed and its rank)."""
+        if self.dist.rank:
+            torch.manual_seed(self.cfg.seed + 100_003 * self.dist.rank)
+        self.dist.start(self.device)
+        forward = torch.compile(model, dynamic=True) if self.cfg.compile else model
+        if self.dist.world > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return forward
+
+    def start(self, model, optimizer, scheduler, data_rng):
+        """Hold what a checkpoint saves; on --resume put it back where the checkpoint left it;
+        write the run's first files."""
+        self.model, self.optimizer, self.scheduler, self.data_rng = \
+            model, optimizer, scheduler, data_rng
+        cfg = self.cfg
+        self.summary = dict(
+            task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
+            overrides=cfg.overrides(), run_name=run_name(cfg), model_tag=model_tag(cfg.model),
+            metric=get_task(cfg.task).metrics[0], params=count_parameters(model),
+            device=str(self.device), processes=self.dist.world, torch=torch.__version__,
+            host=platform.node(), epochs=[], best_epoch=None, val=None, test=None)
+        if cfg.resume:
+            self.restore(self.load_checkpoint())
+        if self.main:
+            self.paths["json"].parent.mkdir(parents=True, exist_ok=True)
+            self.write_outputs(self.best_state)
+
+    # -- the steps of an epoch
+
+    def batches(self, draw_order):
+        """This epoch's batches from where the run stands (a resumed run continues its epoch's
+        order; a new epoch draws one with draw_order()): this process's shard of each, and
+        its weight (Dist.shard)."""
+        p = self.progress
+        if p.order is None:
+            p.order = draw_order()
+        self.t_epoch, self.window, self.seen = time.time(), [], 0
+        self.bar = tqdm(total=len(p.order), initial=p.done, desc=f"epoch {p.epoch}",
+                        leave=False, dynamic_ncols=True, disable=None if self.main else True)
+        try:
+            for i in range(p.done, len(p.order)):
+                yield self.dist.shard(p.order[i])
+        finally:
+            self.bar.close()
+        self.train_seconds = time.time() - self.t_epoch
+
+    def step_done(self, loss):
+        """After each optimizer step (loss: this process's weighted loss, still on the device):
+        every LOG_EVERY steps, and at a checkpoint, a stop request or the epoch's end, check
+        that the losses are finite, update the bar, checkpoint every --save-every steps, and
+        stop (after a checkpoint) if a signal asked to."""
+        p, cfg = self.progress, self.cfg
+        self.window.append(loss)
+        p.done, p.step = p.done + 1, p.step + 1
+        self.seen += len(p.order[p.done - 1])
+        last = p.done == len(p.order)
+        save = cfg.save_every and p.step % cfg.save_every == 0 and not last
+        if not (len(self.window) == LOG_EVERY or last or save or
+                (self.dist.world == 1 and self.stop.signum)):
+            return
+        losses, stopping = self.gather_losses()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            at = p.step - len(self.window) + 1 + int(bad[0])
+            raise Diverged(f"loss is {losses[bad[0]].item()} at epoch {p.epoch}, step {at} (of "
+                           f"the run); lower --lr, or try another seed")
+        for value in losses.tolist():
+            p.loss_sum += value
+        self.bar.update(len(self.window))
+        self.bar.set_postfix(loss=f"{losses.mean():.4f}",
+                             ex_s=f"{self.seen / (time.time() - self.t_epoch):.1f}")
+        self.window = []
+        if (save or stopping) and not last:
+            self.checkpoint()
+        if stopping and not last:
+            raise self.interrupted()
+
+    def gather_losses(self):
+        """The window's global-batch losses on the CPU, and whether to stop. Under torchrun, one
+        all-reduce sums the processes' weighted losses and their stop requests."""
+        losses = torch.stack(self.window).float()
+        if self.dist.world == 1:
+            return losses.cpu(), self.stop.signum is not None
+        flag = torch.tensor([float(self.stop.signum is not None)], device=losses.device)
+        packed = torch.cat([losses, flag])
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        return packed[:-1] / self.dist.world, self.stop.agree(self.dist, packed[-1].item() > 0)
+
+    def epoch_loss(self):
+        """The mean of this epoch's step losses (global batches)."""
+        return self.progress.loss_sum / len(self.progress.order)
+
+    # -- the end of an epoch, and of the run
+
+    def end_epoch(self, record, best_state=None):
+        """After an epoch's evaluation (record: rank 0's, with 'test' when validation
+        improved; best_state: the adapter then): keep it, checkpoint, write the logs, print the
+        epoch line; stop here if a signal asked to."""
+        p = self.progress
+        if self.main:
+            n = sum(len(b) for b in p.order)
+            record["examples_per_s"] = round(n / self.train_seconds, 1)
+            if best_state is not None:
+                self.best_state = best_state
+                self.summary.update(best_epoch=record["epoch"], val=record["val"],
+                                    test=record["test"])
+            record["seconds"] = round(time.time() - self.t_epoch, 2)
+            self.summary["epochs"].append(record)
+            self.summary["wall_time_s"] = round(time.time() - self.t_start, 1)
+        p.epoch, p.order, p.done, p.loss_sum = p.epoch + 1, None, 0, 0.0
+        self.checkpoint()
+        if self.main:
+            self.write_outputs(best_state)
+            self.say(epoch_line(record, self.summary, self.cfg.epochs), flush=True)
+        if self.stop.agree(self.dist):
+            raise self.interrupted()
+
+    def finish(self):
+        """The run has finished: its last JSON, the checkpoint deleted (unless kept)."""
+        self.end("finished")
+        self.say(f"done: best epoch {self.summary['best_epoch']}, test {self.summary['test']}; "
+                 f"logs in {self.paths['json'].parent}")
+        return self.summary
+
+    def end(self, status, **extra):
+        self.summary.update(status=status, wall_time_s=round(time.time() - self.t_start, 1),
+                            **extra)
+        if self.main:
+            self.write_outputs()
+            if status != "interrupted" and not self.cfg.keep_checkpoint:
+                self.paths["checkpoint"].unlink(missing_ok=True)
+
+    def __enter__(self):  # SIGINT/SIGTERM now ask for a stop at the next step
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback):  # a divergence or a stop ends the run's JSON
+        self.stop.__exit__()
+        if isinstance(error, Diverged):
+            self.end("diverged", error=str(error))
+        elif isinstance(error, Interrupted):
+            self.end("interrupted")
+        return False
+
+    def interrupted(self):
+        p, world = self.progress, self.dist.world
+        launch = "python train.py" if world == 1 else "torchrun <the same options> train.py"
+        return Interrupted(
+            f"stopped by {signal.Signals(self.stop.signum).name} at epoch {p.epoch}, batch "
+            f"{p.done} (step {p.step}); checkpoint {self.paths['checkpoint']}. Resume with: "
+            f"{launch} {command(self.cfg, resume=True)}", self.stop.signum)
+
+    # -- files
+
+    def write_outputs(self, best_state=None):
+        """The run's JSON and its two logs (in the official code's format), all from the
+        summary; the best adapter when given."""
+        paths, summary = self.paths, self.summary
+
+        def text(path, key):
+            lines = [f"epoch {e['epoch']}: {e[key]}\n" for e in summary["epochs"] if key in e]
+            write_atomic(path, lambda p: p.write_text("".join(lines)))
+        text(paths["log"], "val")
+        text(paths["test"], "test")
+        if best_state is not None:
+            from safetensors.torch import save_file
+            write_atomic(paths["adapter"], lambda p: save_file(
+                {k: v.contiguous() for k, v in best_state.items()}, str(p),
+                metadata={"config": json.dumps(asdict(self.cfg))}))
+        write_atomic(paths["json"], lambda p: p.write_text(json.dumps(summary, indent=1)))
+
+    def checkpoint(self):
+        """Everything the run needs to continue: trainable tensors (with A₀, B₀, w), AdamW and
+        schedule state, progress (epoch, batch order, position), best adapter, summary so far,
+        and every process's random streams. Every process calls it; rank 0 writes it."""
+        rngs = [rng_state(self.data_rng)]
+        if self.dist.world > 1:
+            rngs = [None] * self.dist.world
+            torch.distributed.all_gather_object(rngs, rng_state(self.data_rng))
+        if not self.main:
+            return
+        order = self.progress.order  # one flat tensor and the batch sizes: (sum of sizes,), [B]
+        state = dict(
+            settings=asdict(self.cfg), world=self.dist.world, rng=rngs,
+            summary=json.dumps(self.summary),
+            progress=dict(asdict(self.progress), order=None if order is None else
+                          (torch.from_numpy(np.concatenate(order).astype(np.int64)),
+                           [len(b) for b in order])),
+            model=adapter_state_dict(self.model), best_state=self.best_state,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+        write_atomic(self.paths["checkpoint"], lambda p: torch.save(state, p))
+
+    def load_checkpoint(self):
+        """The checkpoint, checked against this run's settings that change the numbers
+        (TrainConfig.results()); no arbitrary objects unpickled."""
+        state = torch.load(self.paths["checkpoint"], map_location="cpu", weights_only=True)
+        theirs = state["settings"]
+        differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {theirs.get(k)})"
+                  for k, v in self.cfg.results().items() if theirs.get(k) != v]
+        if state["world"] != self.dist.world:
+            differ.append(f"{self.dist.world} process(es) (checkpoint: {state['world']})")
+        if differ:
+            raise UsageError(f"--resume: settings differ from the checkpoint's: "
+                             f"{'; '.join(differ)} (resume with the same options, or "
+                             f"--overwrite to start over)")
+        return state
+
+    def restore(self, state):
+        """Put an interrupted run back where its checkpoint left it: trainable tensors, AdamW,
+        schedule, progress, best adapter, summary and random streams."""
+        load_adapter_state_dict(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        if self.progress.order is not None:
+            flat, sizes = self.progress.order
+            self.progress.order = np.split(flat.numpy(), np.cumsum(sizes)[:-1])
+        set_rng_state(state["rng"][self.dist.rank], self.data_rng)
+        self.summary = json.loads(state["summary"])
+        self.summary.update(status="running", resumed=self.summary.get("resumed", 0) + 1)
+        self.best_state = state["best_state"]
+        self.t_start -= self.summary.get("wall_time_s", 0)
+        p = self.progress
+        self.say(f"resumed at epoch {p.epoch}, batch {p.done} (step {p.step})")
+
+
+def epoch_line(record, summary, epochs):
+    return (f"epoch {record['epoch']} ({record['epoch'] + 1}/{epochs})  loss "
+            f"{record['train_loss']:.4f}  val "
+            + "  ".join(f"{k} {v:.4f}" for k, v in record["val"].items())
+            + f"  | best epoch {summary['best_epoch']}: test "
+            + "  ".join(f"{k} {v:.4f}" for k, v in (summary["test"] or {}).items())
+            + f"  ({record['examples_per_s']:.0f} ex/s, {record['seconds']:.1f}s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: how a process ends
+
+def command(cfg, **changes):
+    """The train.py arguments of this run: TASK SEED and each option not at its default,
+    e.g. command(TrainConfig("rte", 42, lr_mult=2.0), resume=True) -> 'rte 42 --lr-mult 2.0
+    --resume'. --overwrite is left out."""
+    cfg = replace(cfg, **changes)
+    default = type(cfg)(cfg.task, cfg.seed, method=cfg.method)
+    args = [cfg.task, str(cfg.seed)] + (["--method", cfg.method] if cfg.method != "delora"
+                                        else [])
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("task", "seed", "method", "overwrite") or \
+                value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return shlex.join(args)
+
+
+PLANS = {"table4": dict(tasks=list(TASKS), seeds=range(42, 47), methods=("delora", "lora"))}
+
+
+def plan_main(argv, parse_args):
+    """One train.py command per line for a whole table (Table 4: 8 tasks x seeds 42-46 x
+    DeLoRA/LoRA = 80), for xargs -P, GNU parallel or a SLURM array (`sed -n "${ID}p"`).
+    Options after the plan's name are added to every line, and checked first (parse_args:
+    train.py's)."""
+    if not argv or argv[0] not in PLANS:
+        raise UsageError(f"--plan needs a plan: {', '.join(PLANS)} (then options for every run)")
+    plan, lines = PLANS[argv[0]], []
+    for task in plan["tasks"]:
+        for seed in plan["seeds"]:
+            for method in plan["methods"]:
+                args = [task, str(seed), "--method", method, *argv[1:]]
+                parse_args(args)  # a bad option fails here, not in 80 jobs
+                lines.append(shlex.join(["python", "train.py", *args]))
+    print("\n".join(lines))
+    return lines
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump; under torchrun from rank 0 only
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if Dist.from_env().main
+                  else None)
+
+
+@contextmanager
+def command_line(prog):
+    """Around a script's main(): bad input, a divergence or a stop end the process with one
+    line (from rank 0 under torchrun) and an exit code, never a traceback; the process group
+    is closed on the way out."""
+    from huggingface_hub.utils import logging
+    logging.set_verbosity_error()  # offline, its retry messages would bury our one-line error
+    rank0 = Dist.from_env().main
+    try:
+        yield
+    except (UsageError, Diverged) as e:
+        raise SystemExit(f"{prog}: error: {e}" if rank0 else 1)
+    except Interrupted as e:
+        if rank0:
+            print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        raise SystemExit(f"{prog}: stopped at once; --resume continues from the last "
+                         f"checkpoint" if rank0 else 130)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
