@@ -48,15 +48,16 @@ class Hparams(NamedTuple):
 # The paper's Table 9 (v2) = the official glue_eval.sh (which lacks MRPC: taken from the table).
 # lora_lr: from the LoRA paper's RoBERTa-base setup (Hu et al. 2021, Table 9); the baseline
 # shares everything else (r = 8, batch, epochs, dropout) and uses α = 8.
-HPARAMS = {  #      λ   lr    λ lr  batch epochs dropout lora_lr
-    "mnli": Hparams(12, 1e-3, 3e-3, 32, 30, 0.0, 5e-4),
-    "sst2": Hparams(12, 1e-3, 3e-3, 32, 30, 0.1, 5e-4),
-    "mrpc": Hparams(4, 3e-2, 1e-2, 32, 40, 0.2, 4e-4),
-    "cola": Hparams(4, 1e-2, 1e-2, 8, 80, 0.2, 4e-4),
+HPARAMS = {
+    #               λ   lr    λ lr  bs  ep  drop  lora lr
+    "mnli": Hparams(12, 1e-3, 3e-3, 32, 30, 0.0,  5e-4),
+    "sst2": Hparams(12, 1e-3, 3e-3, 32, 30, 0.1,  5e-4),
+    "mrpc": Hparams(4,  3e-2, 1e-2, 32, 40, 0.2,  4e-4),
+    "cola": Hparams(4,  1e-2, 1e-2, 8,  80, 0.2,  4e-4),
     "qnli": Hparams(12, 3e-3, 3e-3, 32, 25, 0.25, 4e-4),
-    "qqp": Hparams(12, 3e-3, 3e-3, 32, 25, 0.1, 5e-4),
-    "rte": Hparams(4, 1e-2, 1e-2, 32, 80, 0.0, 5e-4),
-    "stsb": Hparams(12, 1e-2, 1e-2, 8, 40, 0.2, 4e-4),
+    "qqp":  Hparams(12, 3e-3, 3e-3, 32, 25, 0.1,  5e-4),
+    "rte":  Hparams(4,  1e-2, 1e-2, 32, 80, 0.0,  5e-4),
+    "stsb": Hparams(12, 1e-2, 1e-2, 8,  40, 0.2,  4e-4),
 }
 WARMUP = 0.06        # fraction of all steps with a linearly rising learning rate
 WEIGHT_DECAY = 0.01  # AdamW's default, on A, B, λ and the head's weights
@@ -103,7 +104,8 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model", results=False)
     out_dir: str = setting(".logs", "logs go here", results=False)
     save_merged: str | None = setting(None, "write the best model, adapters merged, as a HF "
-                                            "checkpoint into this folder", results=False)
+                                            "checkpoint into this folder", results=False,
+                                      metavar="DIR")
     overwrite: bool = setting(False, "replace an existing run", results=False)
     resume: bool = setting(False, "continue this (interrupted) run from its checkpoint; ends "
                                   "exactly where an uninterrupted run would", results=False)
