@@ -387,6 +387,19 @@ def test_adapter_load_into_other_rank_or_targets_is_an_error(ckpt):
             roberta.from_pretrained(ckpt, num_labels=2), targets=("query",)), state)
 
 
+@pytest.mark.slow
+def test_walkthrough_prints_and_asserts_every_claim(tmp_path):
+    """walkthrough.py, as a reader runs it: every section's numbers, every claim asserted."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WALKTHROUGH_FIGURE": str(tmp_path / "b.png")}
+    p = subprocess.run([sys.executable, str(HERE / "walkthrough.py")], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    headers = [line for line in p.stdout.splitlines() if re.match(r"\d\. ", line)]
+    assert [h[:2] for h in headers] == [f"{i}." for i in range(1, 9)]
+    assert p.stdout.rstrip().endswith("all claims hold.")
+    assert (tmp_path / "b.png").is_file() or "no matplotlib" in p.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. roberta.py: the model, equal to the reference library's
 
