@@ -82,7 +82,9 @@ def load_glue(task, seed, data=None):
 
     data=None: the hub dataset nyu-mll/glue (cached by `datasets`). data=DIR: a local copy,
     either a `save_to_disk` folder or the classic GLUE TSV files; DIR may be the root holding
-    one folder per task (rte/ or RTE/) or the task's own folder.
+    one folder per task (rte/ or RTE/) or the task's own folder. Data a run cannot use (no
+    examples, a label outside the task's label set, a split that leaves no validation or test
+    example) is a ValueError that names the file (and line) and the value.
     """
     spec = get_task(task)
     if data is None:
@@ -93,14 +95,21 @@ def load_glue(task, seed, data=None):
             raise FileNotFoundError(
                 f"could not load nyu-mll/glue/{task} from the hub ({type(e).__name__}); offline, "
                 f"pass a local copy with --data (GLUE TSV files or a save_to_disk folder)") from e
-        train, dev = glue["train"], glue[spec.val_split]
+        source = f"nyu-mll/glue/{task}"
+        train, dev = (_checked(spec, glue[s], f"{source} {s}") for s in ("train", spec.val_split))
+        dev_name = f"{source} {spec.val_split}"
     else:
-        train, dev = _load_local(task, Path(data))
+        train, dev, dev_name = _load_local(task, Path(data))
     val_idx, test_idx = revisited_split(task, len(dev), seed)
+    if not len(val_idx) or not len(test_idx):
+        raise ValueError(f"{dev_name} has {len(dev)} example{'s' * (len(dev) != 1)}: the revisited "
+                         f"split of {task} leaves {len(val_idx)} for validation and "
+                         f"{len(test_idx)} for test")
     return train, dev.select(val_idx), dev.select(test_idx)
 
 
 def _load_local(task, root):
+    """(train, dev, the dev split's name) from a save_to_disk folder or the TSV files."""
     spec = TASKS[task]
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
@@ -112,9 +121,12 @@ def _load_local(task, root):
                 if split not in d:
                     raise FileNotFoundError(f"{folder} (save_to_disk) has no split {split!r}; "
                                             f"it has {list(d)}")
-            return d["train"], d[spec.val_split]
+            return (_checked(spec, d["train"], f"{folder} train"),
+                    _checked(spec, d[spec.val_split], f"{folder} {spec.val_split}"),
+                    f"{folder} {spec.val_split}")
         if (folder / "train.tsv").is_file() or (folder / spec.dev_file).is_file():
-            return (read_tsv(task, folder / "train.tsv"), read_tsv(task, folder / spec.dev_file))
+            return (read_tsv(task, folder / "train.tsv"), read_tsv(task, folder / spec.dev_file),
+                    folder / spec.dev_file)
     raise FileNotFoundError(f"no {task} data under {root}: looked for dataset_dict.json "
                             f"(save_to_disk) or {spec.folder}/train.tsv and {spec.dev_file}")
 
@@ -130,10 +142,18 @@ def read_tsv(task, path):
     spec = TASKS[task]
     if not path.is_file():
         raise FileNotFoundError(f"missing file {path}")
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position "
+                         f"{e.start})") from None
     if lines[-1] == "":
         lines.pop()
+    if not lines:
+        raise ValueError(f"{path} is empty")
     header = list(spec.tsv_header) or lines.pop(0).split("\t")
+    if not lines:
+        raise ValueError(f"{path} has no examples, only a header")
     first = 1 if spec.tsv_header else 2  # file line number of the first data row
     missing = [c for c in spec.tsv_columns if c not in header]
     if missing:
@@ -147,18 +167,39 @@ def read_tsv(task, path):
                              f"expected {len(header)}")
         for key, c in zip(spec.text_keys, cols):
             rows[key].append(fields[c])
-        rows["label"].append(_label(spec, fields[cols[-1]], path, i + first))
+        rows["label"].append(_label(spec, fields[cols[-1]], f"{path}, line {i + first}"))
     rows["idx"] = list(range(len(lines)))
     return datasets.Dataset.from_dict(rows)
 
 
-def _label(spec, text, path, line):
+def _label(spec, value, where):
+    """A label (a TSV field's text, or a dataset's value) -> its id, or STS-B's score; a
+    ValueError naming `where` for anything outside the task's label set."""
     try:
         if spec.num_labels == 1:
-            return float(text)
-        return spec.label_names.index(text) if spec.label_names else int(text)
-    except ValueError:
-        raise ValueError(f"{path}, line {line}: bad label {text!r}") from None
+            score = float(value)
+            if 0 <= score <= 5:  # False for NaN
+                return score
+        elif isinstance(value, str) and spec.label_names:
+            return spec.label_names.index(value)
+        elif int(value) == float(value) and 0 <= int(value) < spec.num_labels:
+            return int(value)
+    except (ValueError, TypeError):
+        pass
+    valid = ("a number in [0, 5]" if spec.num_labels == 1 else "one of " + ", ".join(
+        spec.label_names if isinstance(value, str) and spec.label_names
+        else map(str, range(spec.num_labels))))
+    kind = "score" if spec.num_labels == 1 else "label"
+    raise ValueError(f"{where}: {kind} {value!r} is not {valid}")
+
+
+def _checked(spec, ds, name):
+    """A hub or save_to_disk split, checked: it has examples, and every label is valid."""
+    if len(ds) == 0:
+        raise ValueError(f"{name} has no examples")
+    for i, value in enumerate(ds["label"]):
+        _label(spec, value, f"{name}, row {i}")
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------

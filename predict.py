@@ -18,27 +18,50 @@ import torch
 from delora import load_adapter_state_dict
 from glue import Encoded, get_task
 from roberta import load_tokenizer
-from run import Parser, UsageError, command_line
+from run import Parser, UsageError, command_line, user_errors
 from train import TrainConfig, build_model, logits_of
 
 
 def load_finetuned(run_json):
     """A finished run's summary JSON -> (model, tokenizer, cfg): the pretrained checkpoint with
-    the run's best adapter and head loaded, in eval mode, on the CPU."""
-    summary = json.loads(Path(run_json).read_text())
-    cfg = TrainConfig(**summary["settings"])
-    adapter = Path(run_json).with_name(f"{summary['run_name']}_adapter.safetensors")
+    the run's best adapter and head loaded, in eval mode, on the CPU. A file that cannot serve
+    (not a run summary, a damaged adapter, one that does not fit) is a UsageError naming it."""
+    run_json = Path(run_json)
+    try:
+        summary = json.loads(run_json.read_bytes())
+    except ValueError:
+        raise UsageError(f"{run_json} is not valid JSON") from None
+    if not (isinstance(summary, dict) and {"settings", "run_name"} <= set(summary)):
+        raise UsageError(f"{run_json} is not a run summary (what train.py writes as <run>.json)")
+    try:
+        cfg = TrainConfig(**summary["settings"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{run_json} holds settings that are not train.py's ({e})") from None
+    adapter = run_json.with_name(f"{summary['run_name']}_adapter.safetensors")
     if not adapter.is_file():
         raise UsageError(f"no adapter {adapter} beside {run_json}")
     from safetensors.torch import load_file
-    model = build_model(cfg, get_task(cfg.task).num_labels)
-    load_adapter_state_dict(model, load_file(str(adapter)))
-    return model.eval(), load_tokenizer(cfg.model, cfg.max_length), cfg
+    with user_errors():  # the model folder may have gone
+        model = build_model(cfg, get_task(cfg.task).num_labels)
+        tokenizer = load_tokenizer(cfg.model, cfg.max_length)
+    try:
+        state = load_file(str(adapter))
+    except Exception as e:  # safetensors' own error for a truncated or empty file
+        raise UsageError(f"{adapter} is damaged: {str(e).strip()[:200]}") from None
+    try:
+        load_adapter_state_dict(model, state)
+    except ValueError as e:
+        raise UsageError(f"{adapter} does not fit the model: {e}") from None
+    return model.eval(), tokenizer, cfg
 
 
 def predict_texts(model, tokenizer, task, texts, texts_b=None):
     """Score new examples: class ids (or STS-B scores) and, for classification, probabilities.
     predict_texts(model, tok, "rte", ["A man eats."], ["A man is eating."]) -> ([0], [[.9, .1]])"""
+    pair = len(get_task(task).text_keys) == 2
+    if pair != (texts_b is not None):
+        raise ValueError(f"{task} scores a sentence pair: give TEXT and TEXT_B" if pair else
+                         f"{task} scores single sentences: give TEXT alone")
     pairs = texts if texts_b is None else list(zip(texts, texts_b))
     enc = tokenizer.encode_batch(pairs)
     batch = Encoded([e.ids for e in enc], [e.type_ids for e in enc], np.zeros(len(enc)),
@@ -56,7 +79,7 @@ def main(argv=None):
     p.add_argument("text")
     p.add_argument("text_b", nargs="?", help="the second sentence, for pair tasks")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    with command_line("predict.py"):
+    with command_line("predict.py"), user_errors():
         if not Path(args.run_json).is_file():
             raise UsageError(f"{args.run_json}: no such file")
         model, tokenizer, cfg = load_finetuned(args.run_json)

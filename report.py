@@ -12,6 +12,7 @@ NaN and reports exactly that, marked †. Running or interrupted runs are listed
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -355,6 +356,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def cannot_write(path, folder=False):
+    """Why a file (or, folder=True, a folder made as needed) cannot be written there; None if
+    it can. (run.check_output_folder does this for train.py; this file stays torch-free.)"""
+    if folder:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    elif path.is_dir():
+        return "is a folder"
+    elif not path.parent.exists():
+        return f"no folder {path.parent}"
+    else:
+        existing = path.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
+
+
 def main(argv=None):
     p = Parser(prog="report.py", description="Tables and figures over the runs in OUT_DIR.")
     p.add_argument("out_dir", nargs="?", default=".logs", help="default: %(default)s")
@@ -364,6 +381,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not Path(args.out_dir).is_dir():
         p.exit(1, f"report.py: error: {args.out_dir}: no such folder\n")
+    for option, path, folder in (("--csv", args.csv, False), ("--json", args.json, False),
+                                 ("--plots", args.plots, True)):
+        why = path and cannot_write(Path(path), folder)
+        if why:  # before the table is printed, not after
+            p.exit(1, f"report.py: error: {option} {path}: {why}\n")
     runs = load_runs(args.out_dir)
     if not runs:
         p.exit(1, f"report.py: error: no run summaries under {args.out_dir} (train.py writes "

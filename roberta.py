@@ -394,8 +394,9 @@ def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **conf
     return model
 
 
-def save_pretrained(model, directory, tokenizer_from=None):
-    """Write a HF checkpoint directory: config.json, model.safetensors (+ tokenizer files)."""
+def save_pretrained(model, directory, tokenizer_from=None, **config_extra):
+    """Write a HF checkpoint directory: config.json (plus config_extra's keys, which HF keeps as
+    attributes), model.safetensors (+ tokenizer files)."""
     from safetensors.torch import save_file
     cfg, directory = model.config, Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -407,6 +408,7 @@ def save_pretrained(model, directory, tokenizer_from=None):
                   label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)})
     if cfg.num_labels == 1:
         config["problem_type"] = "regression"
+    config.update(config_extra)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(export_state_dict(model), directory / "model.safetensors",
               metadata={"format": "pt"})

@@ -19,12 +19,14 @@ batch and the loss all-reduce. nanoGPT's train.py does the same in a few lines f
 and no RNG state; we add what an exact resume needs.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -37,10 +39,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+try:
+    import fcntl  # the one-writer lock; absent on Windows, where runs are not locked
+except ImportError:
+    fcntl = None
+
 from delora import adapter_state_dict, count_parameters, load_adapter_state_dict
 from glue import TASKS, get_task
 
 LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) per window
+UMASK = os.umask(0o022)  # what files are created with (read here, then put back)
+os.umask(UMASK)
+tqdm.monitor_interval = 0  # no monitor thread: nothing left running when a process exits
 
 
 class UsageError(Exception):
@@ -57,6 +67,10 @@ class Interrupted(Exception):
     def __init__(self, message, signum):
         super().__init__(message)
         self.signum = signum
+
+
+class StoppedAtOnce(Exception):
+    """A second Ctrl-C: stopped without a checkpoint; the message says what is on disk."""
 
 
 @contextmanager
@@ -96,17 +110,109 @@ def run_name(cfg):
 
 def run_paths(cfg):
     """OUT_DIR/MODEL_TAG/TASK/<run>{.txt, _TEST.txt, .json, _adapter.safetensors,
-    _checkpoint.pt}."""
+    _checkpoint.pt, .lock}."""
     d, n = Path(cfg.out_dir) / model_tag(cfg.model) / cfg.task, run_name(cfg)
     return dict(log=d / f"{n}.txt", test=d / f"{n}_TEST.txt", json=d / f"{n}.json",
-                adapter=d / f"{n}_adapter.safetensors", checkpoint=d / f"{n}_checkpoint.pt")
+                adapter=d / f"{n}_adapter.safetensors", checkpoint=d / f"{n}_checkpoint.pt",
+                lock=d / f"{n}.lock")
 
 
 def write_atomic(path, write):
-    """write(tmp_path), then rename over path: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """write(tmp_path), then rename over path: readers see the old file or the new one. The
+    temporary name is this process's own; the file gets the umask's mode, like any other."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~UMASK)  # safetensors writes 0600
     os.replace(tmp, path)
+
+
+def write_atomic_folder(path, write):
+    """write(tmp_folder), then put it in path's place, replacing what was there as a whole (a
+    kill before the swap leaves the old folder as it was)."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{k}") for k in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~UMASK)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_folder(path, option):
+    """A folder the run will write into: it, or the deepest part of it that exists, must be a
+    writable folder (checked before anything is written)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable")
+
+
+def check_export_folder(cfg):
+    """--save-merged DIR is replaced as a whole by the export: DIR must not hold the run's logs,
+    model or data, and, unless --overwrite, hold nothing but an earlier export of this run."""
+    path = Path(cfg.save_merged)
+    check_output_folder(path, "--save-merged")
+    for what, other in (("logs", cfg.out_dir), ("model", cfg.model), ("data", cfg.data)):
+        if other and (what == "logs" or Path(other).is_dir()) and \
+                path.resolve() in (Path(other).resolve(), *Path(other).resolve().parents):
+            raise UsageError(f"--save-merged {path} would replace a folder that holds the "
+                             f"run's {what} ({other})")
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if names and not cfg.overwrite and export_of(path) != run_name(cfg):
+        raise UsageError(f"--save-merged {path} holds files that are not an export of this run "
+                         f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): choose "
+                         f"another folder, or pass --overwrite to replace it")
+
+
+def export_of(path):
+    """The run whose merged export the folder holds (config.json's delora_run), or None."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("delora_run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class RunLock:
+    """One writer per run: an exclusive flock on <run>.lock, which names its holder. The kernel
+    drops the lock when its holder dies, so a lock file left by a killed run locks nothing."""
+
+    def __init__(self, path):
+        self.path, self.fd = Path(path), None
+
+    def acquire(self):
+        if fcntl is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UsageError(f"{self.path.with_suffix('')} is being run by {holder}: one "
+                                 f"process per run (wait for it to end, or stop it)") from None
+            try:  # the holder before us may have deleted the file: then lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +317,13 @@ class Progress:
     best: float = -math.inf       # best validation score so far
 
 
+def seed_everything(seed):
+    """Seed the streams a run draws from (Python, NumPy, torch); the data order has its own."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state(data_rng):
     """Every random stream the run uses, as plain lists and tensors (no pickled objects)."""
     def numpy(state):  # ('MT19937', keys, pos, has_gauss, cached_gaussian)
@@ -244,9 +357,7 @@ def existing_run(cfg, paths):
         except ValueError:
             summary = {}
     status = (summary or {}).get("status")
-    if cfg.overwrite:
-        for key in ("checkpoint", "adapter"):
-            paths[key].unlink(missing_ok=True)
+    if cfg.overwrite:  # Run.start deletes the old checkpoint and adapter, once it holds the lock
         return "fresh"
     if status in ("finished", "diverged"):
         if cfg.resume:
@@ -268,6 +379,36 @@ def existing_run(cfg, paths):
     return "fresh"
 
 
+def digest(value, h=None):
+    """SHA-256 over a checkpoint's contents, in a fixed order: every tensor's dtype, shape and
+    bytes, and every other value's repr."""
+    h = h or hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        for k in sorted(value, key=repr):
+            h.update(repr(k).encode())
+            digest(value[k], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            digest(v, h)
+        h.update(b"]")
+    else:
+        h.update(repr(value).encode())
+    return h
+
+
+def same_setting(ours, theirs):
+    """Equal settings; two local paths are equal when they name the same file or folder."""
+    if isinstance(ours, str) and isinstance(theirs, str) and os.path.exists(ours) \
+            and os.path.exists(theirs):
+        return os.path.samefile(ours, theirs)
+    return ours == theirs
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -282,12 +423,16 @@ class Run:
         self.say = print if self.main else (lambda *a, **k: None)  # only rank 0 prints
         self.progress, self.best_state, self.stop = Progress(), None, StopRequest()
         self.t_start = time.time()
+        self.lock, self.checkpointed = RunLock(self.paths["lock"]), None  # step of the last one
         with user_errors():
             self.device = pick_device(cfg.device, self.dist.local_rank)
         if cfg.batch_size < self.dist.world:
             raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the "
                              f"{self.dist.world} processes: each needs at least one example of "
                              f"every batch")
+        check_output_folder(cfg.out_dir, "--out-dir")
+        if cfg.save_merged:
+            check_export_folder(cfg)
         self.ended = existing_run(cfg, self.paths) == "ended"
         self.summary = json.loads(self.paths["json"].read_text()) if self.ended else None
         if self.ended:
@@ -309,11 +454,26 @@ class Run:
         return forward
 
     def start(self, model, optimizer, scheduler, data_rng):
-        """Hold what a checkpoint saves; on --resume put it back where the checkpoint left it;
-        write the run's first files."""
+        """Take the run's lock (rank 0: one writer per run) and decide again what is on disk,
+        now for good; hold what a checkpoint saves; on --resume put it back where the checkpoint
+        left it; write the run's first files."""
         self.model, self.optimizer, self.scheduler, self.data_rng = \
             model, optimizer, scheduler, data_rng
-        cfg = self.cfg
+        if self.main:
+            self.lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self):
+        cfg, model = self.cfg, self.model
+        if self.main and existing_run(cfg, self.paths) == "ended":
+            raise UsageError(f"{self.paths['json']} ended while this process was starting")
+        if self.main and cfg.overwrite:
+            for key in ("checkpoint", "adapter"):
+                self.paths[key].unlink(missing_ok=True)
         self.summary = dict(
             task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
             overrides=cfg.overrides(), run_name=run_name(cfg), model_tag=model_tag(cfg.model),
@@ -422,6 +582,8 @@ class Run:
         self.end("finished")
         self.say(f"done: best epoch {self.summary['best_epoch']}, test {self.summary['test']}; "
                  f"logs in {self.paths['json'].parent}")
+        if self.dist.world > 1:  # the last collective: every process ends here, together
+            torch.distributed.barrier()
         return self.summary
 
     def end(self, status, **extra):
@@ -431,6 +593,7 @@ class Run:
             self.write_outputs()
             if status != "interrupted" and not self.cfg.keep_checkpoint:
                 self.paths["checkpoint"].unlink(missing_ok=True)
+        self.lock.release()
 
     def __enter__(self):  # SIGINT/SIGTERM now ask for a stop at the next step
         self.stop.__enter__()
@@ -442,6 +605,13 @@ class Run:
             self.end("diverged", error=str(error))
         elif isinstance(error, Interrupted):
             self.end("interrupted")
+        elif error is not None:  # a crash, or a second Ctrl-C: the files stay as they are
+            self.lock.release()
+            if isinstance(error, KeyboardInterrupt):
+                raise StoppedAtOnce(
+                    "stopped at once, before the run's first checkpoint: start it again with "
+                    "--overwrite" if self.checkpointed is None else "stopped at once; --resume "
+                    f"continues from the checkpoint of step {self.checkpointed}") from None
         return False
 
     def interrupted(self):
@@ -450,7 +620,7 @@ class Run:
         return Interrupted(
             f"stopped by {signal.Signals(self.stop.signum).name} at epoch {p.epoch}, batch "
             f"{p.done} (step {p.step}); checkpoint {self.paths['checkpoint']}. Resume with: "
-            f"{launch} {command(self.cfg, resume=True)}", self.stop.signum)
+            f"{launch} {command(self.cfg, torchrun=world > 1, resume=True)}", self.stop.signum)
 
     # -- files
 
@@ -490,15 +660,27 @@ class Run:
                            [len(b) for b in order])),
             model=adapter_state_dict(self.model), best_state=self.best_state,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+        state["sha256"] = digest(state).hexdigest()  # checked on --resume
         write_atomic(self.paths["checkpoint"], lambda p: torch.save(state, p))
+        self.checkpointed = self.progress.step
 
     def load_checkpoint(self):
-        """The checkpoint, checked against this run's settings that change the numbers
-        (TrainConfig.results()); no arbitrary objects unpickled."""
-        state = torch.load(self.paths["checkpoint"], map_location="cpu", weights_only=True)
-        theirs = state["settings"]
+        """The checkpoint, checked for damage (its SHA-256) and against this run's settings that
+        change the numbers (TrainConfig.results()); no arbitrary objects unpickled. A damaged
+        one is left as it is."""
+        path = self.paths["checkpoint"]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            stored = state.pop("sha256", None)  # None: written before checkpoints had one
+            if stored is not None and stored != digest(state).hexdigest():
+                raise ValueError("its contents do not match the SHA-256 stored in it")
+            theirs = dict(state["settings"])
+        except Exception as e:  # whatever a truncated or overwritten file makes torch.load raise
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"{path} is damaged: {why} (it is left as it is; restore it, or "
+                             f"start over with --overwrite)") from e
         differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {theirs.get(k)})"
-                  for k, v in self.cfg.results().items() if theirs.get(k) != v]
+                  for k, v in self.cfg.results().items() if not same_setting(v, theirs.get(k))]
         if state["world"] != self.dist.world:
             differ.append(f"{self.dist.world} process(es) (checkpoint: {state['world']})")
         if differ:
@@ -520,7 +702,7 @@ class Run:
         set_rng_state(state["rng"][self.dist.rank], self.data_rng)
         self.summary = json.loads(state["summary"])
         self.summary.update(status="running", resumed=self.summary.get("resumed", 0) + 1)
-        self.best_state = state["best_state"]
+        self.best_state, self.checkpointed = state["best_state"], self.progress.step
         self.t_start -= self.summary.get("wall_time_s", 0)
         p = self.progress
         self.say(f"resumed at epoch {p.epoch}, batch {p.done} (step {p.step})")
@@ -538,10 +720,11 @@ def epoch_line(record, summary, epochs):
 # ---------------------------------------------------------------------------------------------
 # The command line: how a process ends
 
-def command(cfg, **changes):
+def command(cfg, torchrun=False, **changes):
     """The train.py arguments of this run: TASK SEED and each option not at its default,
     e.g. command(TrainConfig("rte", 42, lr_mult=2.0), resume=True) -> 'rte 42 --lr-mult 2.0
-    --resume'. --overwrite is left out."""
+    --resume'. --overwrite is left out. torchrun: each option as its last spelling (--r as
+    --adapter-rank, which torchrun's own parser leaves alone)."""
     cfg = replace(cfg, **changes)
     default = type(cfg)(cfg.task, cfg.seed, method=cfg.method)
     args = [cfg.task, str(cfg.seed)] + (["--method", cfg.method] if cfg.method != "delora"
@@ -551,7 +734,8 @@ def command(cfg, **changes):
         if f.name in ("task", "seed", "method", "overwrite") or \
                 value == getattr(default, f.name):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = f.metadata.get("flags") or ["--" + f.name.replace("_", "-")]
+        flag = flags[-1] if torchrun else flags[0]
         args += [flag] if value is True else [flag, str(value)]
     return shlex.join(args)
 
@@ -599,9 +783,10 @@ def command_line(prog):
         if rank0:
             print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        raise SystemExit(f"{prog}: stopped at once; --resume continues from the last "
-                         f"checkpoint" if rank0 else 130)
+    except StoppedAtOnce as e:  # a second Ctrl-C during training
+        raise SystemExit(f"{prog}: {e}" if rank0 else 130)
+    except KeyboardInterrupt:  # Ctrl-C before training, or outside train.py
+        raise SystemExit(f"{prog}: stopped at once (Ctrl-C)" if rank0 else 130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1166,6 +1166,16 @@ def test_bf16_and_group_by_length_runs_train(ckpt, glue_dir, tmp_path):
     (["rte", "1", "--lam-lr", "-0.01"], "--lam-lr must be > 0, got -0.01"),
     (["rte", "1", "--lr-mult", "0"], "--lr-mult must be > 0, got 0"),
     (["rte", "1", "--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["rte", "1", "--dropout", "nan"], "--dropout must be a finite number, got nan"),
+    (["rte", "1", "--lam", "inf"], "--lam must be a finite number, got inf"),
+    (["rte", "1", "--lam", "nan"], "--lam must be a finite number, got nan"),
+    (["rte", "1", "--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    (["rte", "1", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["rte", "1", "--lam-lr", "nan"], "--lam-lr must be a finite number, got nan"),
+    (["rte", "1", "--lam", "0"], "--lam 0: DeLoRA's update (λ/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w would be "
+                                 "identically zero"),
+    (["rte", "1", "--method", "lora", "--alpha", "0"], "--alpha 0: LoRA's update (α/r) B A would "
+                                                       "be identically zero"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1217,6 +1227,97 @@ def test_nan_loss_stops_naming_epoch_and_step(ckpt, glue_dir, tmp_path):
                 "--lr", 1e30, "--out-dir", tmp_path)
     summary = json.loads(next(tmp_path.rglob("*.json")).read_text())
     assert summary["status"] == "diverged" and (next(tmp_path.rglob("*.txt"))).exists()
+
+
+def only_json(root):
+    return [p for p in Path(root).rglob("*.json")]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (lambda t: ["--out-dir", t / "afile" / "logs"], "--out-dir {t}/afile/logs: {t}/afile is a "
+                                                     "file, not a folder"),
+    (lambda t: ["--save-merged", t / "afile"], "--save-merged {t}/afile: {t}/afile is a file, "
+                                               "not a folder"),
+    (lambda t: ["--save-merged", t / "other"], "--save-merged {t}/other holds files that are not "
+                                               "an export of this run (config.json, notes.txt)"),
+    (lambda t: ["--save-merged", t], "--save-merged {t} would replace a folder that holds "),
+])
+def test_output_paths_are_checked_before_anything_is_written(flags, message, ckpt, glue_dir,
+                                                             tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")                # another model's
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path / "logs", *flags(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        run_cli(*argv)
+    assert message.format(t=tmp_path) in str(e.value.code) and not only_json(tmp_path / "logs")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_an_unwritable_out_dir_is_one_line(ckpt, glue_dir, tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(SystemExit, match="is not writable"):
+        run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path / "ro" / "x")
+
+
+def test_save_merged_replaces_only_an_export_of_its_own_run_or_with_overwrite(ckpt, glue_dir,
+                                                                             tmp_path):
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path / "logs", "--save-merged", tmp_path / "m"]
+    run_cli(*argv)
+    first = (tmp_path / "m" / "model.safetensors").read_bytes()
+    run_cli(*argv, "--overwrite")                          # the same run again: its own export
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == first
+    (tmp_path / "m" / "stale.txt").write_text("left by hand")
+    other = ["rte", 1, *argv[2:]]                          # another run (seed 1), same folder
+    with pytest.raises(SystemExit, match=r"holds files that are not an export of this run"):
+        run_cli(*other)
+    run_cli(*other, "--overwrite")                         # replaced, whole
+    assert not (tmp_path / "m" / "stale.txt").exists()
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != first
+
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+
+
+def stsb_row(i, score):
+    return f"{i}\tg\tf\ty\t{i}\tn\tn\t{SENTENCES[i % 6]}\t{SENTENCES[(i + 1) % 6]}\t{score}\n"
+
+
+@pytest.mark.parametrize("task, file, content, message", [
+    ("rte", "train", b"", "{d}/RTE/train.tsv is empty"),
+    ("rte", "train", RTE_HEADER.encode(), "{d}/RTE/train.tsv has no examples, only a header"),
+    ("rte", "dev", RTE_HEADER.encode(), "{d}/RTE/dev.tsv has no examples, only a header"),
+    ("rte", "dev", (RTE_HEADER + "0\tA man.\tA man.\tentailment\n").encode(),
+     "{d}/RTE/dev.tsv has 1 example: the revisited split of rte leaves 0 for validation"),
+    ("rte", "train", (RTE_HEADER + "0\tA man.\tA man.\tmaybe\n").encode(),
+     "{d}/RTE/train.tsv, line 2: label 'maybe' is not one of entailment, not_entailment"),
+    ("sst2", "train", "sentence\tlabel\nfine .\t2\n".encode(),
+     "{d}/SST-2/train.tsv, line 2: label '2' is not one of 0, 1"),
+    ("stsb", "train", (STSB_HEADER + stsb_row(0, "nan")).encode(),
+     "{d}/STS-B/train.tsv, line 2: score 'nan' is not a number in [0, 5]"),
+    ("stsb", "dev", (STSB_HEADER + stsb_row(0, "1.0") + stsb_row(1, "7.5")).encode(),
+     "{d}/STS-B/dev.tsv, line 3: score '7.5' is not a number in [0, 5]"),
+    ("rte", "train", RTE_HEADER.encode() + b"0\tA caf\xe9.\tA man.\tentailment\n",
+     "{d}/RTE/train.tsv is not UTF-8 text (byte 0xe9 at position"),
+])
+def test_bad_data_is_one_line_naming_file_line_and_value(task, file, content, message, ckpt,
+                                                         tmp_path):
+    folder = {"rte": "RTE", "sst2": "SST-2", "stsb": "STS-B"}[task]
+    d = tmp_path / "glue"
+    (d / folder).mkdir(parents=True)
+    good = {"rte": RTE_HEADER + "".join(f"{i}\tA man.\tA dog.\tentailment\n" for i in range(8)),
+            "sst2": "sentence\tlabel\n" + "".join(f"movie {i} .\t{i % 2}\n" for i in range(8)),
+            "stsb": STSB_HEADER + "".join(stsb_row(i, f"{i % 5}.0") for i in range(8))}[task]
+    for split in ("train", "dev"):
+        (d / folder / f"{split}.tsv").write_text(good)
+    (d / folder / f"{file}.tsv").write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        run_cli(task, 0, "--model", ckpt, "--data", d, "--epochs", 1, "--out-dir", tmp_path / "o")
+    assert message.format(d=d) in str(e.value.code) and not only_json(tmp_path / "o")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1396,6 +1497,129 @@ def test_command_rebuilds_the_options_that_differ(tmp_path):
     assert train.parse_args(shlex.split(run.command(cfg))) == replace(cfg, overwrite=False)
 
 
+def finished_but_resumable(ckpt, glue_dir, tmp_path, *extra):
+    """A run whose checkpoint is kept and whose JSON says interrupted: --resume must load it."""
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path / "logs", *extra]
+    run_cli(*argv, "--keep-checkpoint")
+    json_path = next((tmp_path / "logs").rglob("*.json"))
+    json_path.write_text(json_path.read_text().replace('"finished"', '"interrupted"'))
+    return argv, json_path, next((tmp_path / "logs").rglob("*_checkpoint.pt"))
+
+
+def flip_bytes_inside_a_tensor(path):
+    data = bytearray(path.read_bytes())
+    state = torch.load(path, weights_only=True)
+    weights = next(t for k, t in state["model"].items() if k.endswith("query.B"))
+    at = bytes(data).find(weights.numpy().tobytes())
+    assert at > 0
+    data[at + 16:at + 24] = bytes(255 - b for b in data[at + 16:at + 24])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["empty", "random bytes", "a tensor's bytes"])
+def test_a_damaged_checkpoint_is_detected_kept_and_nothing_written(damage, ckpt, glue_dir,
+                                                                  tmp_path):
+    argv, json_path, checkpoint = finished_but_resumable(ckpt, glue_dir, tmp_path)
+    if damage == "empty":
+        checkpoint.write_bytes(b"")
+    elif damage == "random bytes":
+        checkpoint.write_bytes(np.random.RandomState(0).bytes(3000))
+    else:
+        flip_bytes_inside_a_tensor(checkpoint)
+    before = {p: p.read_bytes() for p in (tmp_path / "logs").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        run_cli(*argv, "--resume")
+    assert f"{checkpoint} is damaged: " in str(e.value.code)
+    assert {p: p.read_bytes() for p in (tmp_path / "logs").rglob("*") if p.is_file()} == before
+
+
+def test_an_undamaged_checkpoint_resumes_with_local_paths_compared_resolved(ckpt, glue_dir,
+                                                                           tmp_path):
+    argv, json_path, checkpoint = finished_but_resumable(ckpt, glue_dir, tmp_path)
+    argv[5] = str(glue_dir) + "/"                                  # DIR/ for DIR
+    assert run_cli(*argv, "--resume")["status"] == "finished"
+
+
+def test_one_writer_per_run_naming_the_holder_and_stale_locks_are_free(ckpt, glue_dir,
+                                                                       tmp_path):
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path]
+    lock = run.RunLock(run.run_paths(train.parse_args([str(a) for a in argv]))["lock"])
+    lock.acquire()                                             # another writer holds the run
+    with pytest.raises(SystemExit, match=rf"is being run by pid {os.getpid()} on .*: one process"
+                                         rf" per run"):
+        run_cli(*argv)
+    assert not only_json(tmp_path)
+    lock.release()
+    code = ("import sys, os, signal; sys.path.insert(0, sys.argv[1]); import run; "
+            "from pathlib import Path; run.RunLock(Path(sys.argv[2])).acquire(); "
+            "os.kill(os.getpid(), signal.SIGKILL)")                # dies holding it
+    subprocess.run([sys.executable, "-c", code, str(HERE), str(lock.path)], timeout=60)
+    assert lock.path.exists()                                  # stale: left by a dead process
+    assert run_cli(*argv)["status"] == "finished" and not lock.path.exists()
+
+
+@pytest.mark.slow
+def test_two_identical_commands_started_together_leave_one_run_and_one_refusal(ckpt, glue_dir,
+                                                                               tmp_path):
+    argv = [sys.executable, str(HERE / "train.py"), "rte", "0", "--model", str(ckpt), "--data",
+            str(glue_dir), "--epochs", "2", "--batch-size", "8", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 1]
+    refusal = results[1][1].strip().splitlines()
+    assert len(refusal) == 1 and ("is being run by pid" in refusal[0]
+                                  or "exists (finished)" in refusal[0])
+    assert json.loads(next(tmp_path.rglob("*.json")).read_text())["status"] == "finished"
+
+
+def test_temporary_files_are_unique_per_process(tmp_path, monkeypatch):
+    names = []
+    run.write_atomic(tmp_path / "a.json", lambda p: names.append(p.name) or p.write_text("{}"))
+    assert str(os.getpid()) in names[0] and names[0] != "a.json"
+
+
+def test_files_are_written_with_the_umask_like_any_other(ckpt, glue_dir, tmp_path):
+    run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name.rsplit("_", 1)[-1]: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")
+             if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_bad_device_is_reported_before_the_existing_run(ckpt, glue_dir, tmp_path):
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path]
+    run_cli(*argv)
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
+        run_cli(*argv, "--device", "cuda")
+
+
+@pytest.mark.parametrize("at_step, message", [
+    (1, r"stopped at once, before the run's first checkpoint: start it again with --overwrite"),
+    (3, r"stopped at once; --resume continues from the checkpoint of step 2"),
+])
+def test_stopping_at_once_says_what_is_on_disk(at_step, message, ckpt, glue_dir, tmp_path,
+                                               monkeypatch):
+    step, calls = train.train_step, []
+
+    def second_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", second_ctrl_c)
+    with pytest.raises(SystemExit, match=message):
+        run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
+                "--save-every", 2, "--out-dir", tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. run.py: torchrun, one run over processes (gloo on CPU), and many runs
 
@@ -1421,7 +1645,7 @@ def test_two_processes_train_the_single_process_run_and_resume_it(ckpt, ddp_data
             "--save-every", 3]
     single = run_cli(*argv, "--out-dir", tmp_path / "single")
     p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "ddp"])
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-2000:]
     assert p.stdout.count("done: best epoch") == 1 and p.stdout.count("epoch 2 (3/3)") == 1
     files = sorted(f.name.removeprefix(single["run_name"]) for f in (tmp_path / "ddp").rglob("*")
                    if f.is_file())
@@ -1456,6 +1680,10 @@ def test_bad_input_under_torchrun_ends_every_process_with_one_line(ckpt, ddp_dat
     assert p.returncode != 0 and (p.stdout + p.stderr).count(message) == 1
     p = torchrun(tmp_path, ["wnli", 0])
     assert p.returncode != 0 and (p.stdout + p.stderr).count("unknown task 'wnli'") == 1
+    # the rank under torchrun: its parser takes --r for one of its own (--rdzv-..., --role, ...)
+    p = torchrun(tmp_path, ["rte", 0, "--adapter-rank", 4, "--bogus"])
+    assert "train.py: error: unrecognized arguments: --bogus" in p.stderr  # --adapter-rank passed
+    assert train.parse_args(["rte", "0", "--adapter-rank", "4"]).r == 4
 
 
 def test_shards_and_weights_make_the_global_batch_mean():
@@ -1668,6 +1896,74 @@ def test_report_runs_without_torch(tmp_path):
     p = subprocess.run([sys.executable, "-c", code.replace("report.main", "import train;"
                         " report.main"), str(HERE), str(tmp_path)], capture_output=True, text=True)
     assert p.returncode != 0 and "torch" in p.stderr   # the check itself can fail
+
+
+@pytest.fixture(scope="module")
+def finished_run(ckpt, tmp_path_factory):
+    """A finished RTE run: its JSON, and the run of the same task at another rank."""
+    root = tmp_path_factory.mktemp("finished")
+    data = write_rte(root / "glue")
+    for r in (8, 4):
+        run_cli("rte", 0, "--model", ckpt, "--data", data, "--epochs", 1, "--batch-size", 8,
+                "--r", r, "--out-dir", root / f"r{r}")
+    return [next((root / f"r{r}").rglob("*.json")) for r in (8, 4)]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("json: not JSON", "{json} is not valid JSON"),
+    ("json: a list", "{json} is not a run summary"),
+    ("json: settings of another program", "{json} holds settings that are not train.py's"),
+    ("adapter: empty", "{adapter} is damaged: "),
+    ("adapter: truncated", "{adapter} is damaged: "),
+    ("adapter: another rank's", "{adapter} does not fit the model: adapter shapes differ"),
+    ("model: gone", "is not a directory"),
+    ("one text for a pair task", "rte scores a sentence pair: give TEXT and TEXT_B"),
+])
+def test_predict_bad_files_are_one_line_naming_them(damage, message, finished_run, tmp_path):
+    src, other = finished_run
+    run_json = tmp_path / src.name
+    shutil.copy(src, run_json)
+    adapter = run_json.with_name(run_json.stem + "_adapter.safetensors")
+    shutil.copy(src.with_name(src.stem + "_adapter.safetensors"), adapter)
+    summary = json.loads(run_json.read_text())
+    texts = ["A man eats.", "A man is eating."]
+    if damage == "json: not JSON":
+        run_json.write_text('{"task": "rte", ')
+    elif damage == "json: a list":
+        run_json.write_text("[1, 2]")
+    elif damage == "json: settings of another program":
+        run_json.write_text(json.dumps(dict(summary, settings={"task": "rte", "learning": 1})))
+    elif damage == "adapter: empty":
+        adapter.write_bytes(b"")
+    elif damage == "adapter: truncated":
+        adapter.write_bytes(adapter.read_bytes()[:-100])
+    elif damage == "adapter: another rank's":
+        shutil.copy(other.with_name(other.stem + "_adapter.safetensors"), adapter)
+    elif damage == "model: gone":
+        summary["settings"]["model"] = str(tmp_path / "gone")
+        run_json.write_text(json.dumps(summary))
+    else:
+        texts = texts[:1]
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(run_json), *texts])
+    text = str(e.value.code)
+    assert text.startswith("predict.py: error: ") and "\n" not in text
+    assert message.format(json=run_json, adapter=adapter) in text
+
+
+@pytest.mark.parametrize("option, target", [
+    ("--csv", lambda t: t / "missing" / "rows.csv"),
+    ("--json", lambda t: t / "afile" / "rows.json"),
+    ("--plots", lambda t: t / "afile" / "figures"),
+])
+def test_report_outputs_are_checked_before_the_table_prints(option, target, tmp_path, capsys):
+    fake_run(tmp_path / "runs", "rte", 42, 0.7)
+    (tmp_path / "afile").write_text("a file")
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path / "runs"), option, str(target(tmp_path))])
+    out, err = capsys.readouterr()
+    assert e.value.code != 0 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"report.py: error: {option} {target(tmp_path)}: " in err
 
 
 def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):

@@ -17,7 +17,6 @@ predictions with a finished run are predict.py's, tables and figures report.py's
 """
 import argparse
 import math
-import random
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ from glue import TASKS, batch_order, compute_metrics, encode, get_task, load_glu
 from roberta import check_max_length, from_pretrained, load_tokenizer, resolve
 from roberta import save_pretrained
 from run import Parser, Run, UsageError, command_line, plan_main, run_name, user_errors
+from run import seed_everything, write_atomic_folder
 
 
 class Hparams(NamedTuple):
@@ -63,10 +63,10 @@ WARMUP = 0.06        # fraction of all steps with a linearly rising learning rat
 WEIGHT_DECAY = 0.01  # AdamW's default, on A, B, λ and the head's weights
 
 
-def setting(default=MISSING, help="", results=True, **cli):
-    """A TrainConfig field: its default, its --help text, and whether it can change the numbers
-    (results=False: how and where the run executes). cli: more argparse arguments."""
-    return field(default=default, metadata=dict(help=help, results=results, cli=cli))
+def setting(default=MISSING, help="", results=True, flags=(), **cli):
+    """A TrainConfig field: its default, its --help text, whether it can change the numbers
+    (results=False: how the run executes), its spellings (default --the-name), argparse's cli."""
+    return field(default=default, metadata=dict(help=help, results=results, flags=flags, cli=cli))
 
 
 @dataclass
@@ -80,7 +80,9 @@ class TrainConfig:
     data: str | None = setting(None, "local GLUE folder (TSV files or save_to_disk); "
                                      "default: the hub")
     method: str = setting("delora", "delora, or lora (the baseline)", choices=("delora", "lora"))
-    r: int = setting(8, "rank, on query and value of every layer")
+    r: int = setting(8, "rank, on query and value of every layer; under torchrun spell it "
+                        "--adapter-rank (torchrun takes --r for its own)",
+                     flags=("--r", "--adapter-rank"))
     lam: float | None = setting(None, "DeLoRA's initial λ (default: per task)")
     alpha: float = setting(8.0, "LoRA's α (scale α / r)")
     lr: float | None = setting(None, "learning rate of A, B and the head (default: per task and "
@@ -129,21 +131,30 @@ class TrainConfig:
     def check(self):
         """Bad values as one ValueError naming the option (a negative learning rate would
         train silently by gradient ascent: AdamW checks only its default lr)."""
+        def bad(name, rule):
+            return ValueError(f"--{name.replace('_', '-')} must be {rule}, got "
+                              f"{getattr(self, name):g}")
         if self.method not in ("delora", "lora"):
             raise ValueError(f"--method {self.method!r}: valid: delora, lora")
+        for name in ("lam", "alpha", "lr", "lam_lr", "lr_mult", "dropout"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "a finite number")
+        if self.method == "delora" and self.lam == 0 or self.method == "lora" and not self.alpha:
+            update = ("--lam 0: DeLoRA's update (λ/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w"
+                      if self.method == "delora" else "--alpha 0: LoRA's update (α/r) B A")
+            raise ValueError(f"{update} would be identically zero, and so would every gradient "
+                             f"of the adapter: nothing but the head would train")
         for name in ("lr", "lam_lr", "lr_mult"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got "
-                                 f"{getattr(self, name):g}")
+                raise bad(name, "> 0")
         for name in ("r", "epochs", "batch_size", "max_length", "eval_batch_size",
                      "max_train_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, ">= 1")
         if self.save_every < 0:
-            raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
+            raise bad("save_every", ">= 0")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout:g}")
+            raise bad("dropout", "in [0, 1)")
 
     def results(self):
         """The settings that can change the numbers, by name."""
@@ -186,11 +197,11 @@ def train(cfg: TrainConfig):
     enc = {k: encode(cfg.task, ds, tokenizer, model.config.pad_token_id)  # tokenized once
            for k, ds in splits.items()}
     forward = run.distribute(model)  # what training calls: compiled and/or DDP, as asked
-    params = count_parameters(model)
+    n = count_parameters(model)
     run.say(f"{cfg.task} seed {cfg.seed}: {cfg.method} on {cfg.model} ({run.device} x "
             f"{run.dist.world}); train/val/test {len(train_ds)}/{len(val_ds)}/{len(test_ds)}; "
-            f"trainable {params['adapter']:,} adapter + "
-            f"{params['trainable'] - params['adapter']:,} head of {params['total']:,}")
+            f"trainable {n['adapter']:,} adapter + {n['trainable'] - n['adapter']:,} head of "
+            f"{n['total']:,}")
 
     # 3. AdamW with λ in its own group at its own rate; linear warmup and decay over all steps
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
@@ -221,18 +232,12 @@ def train(cfg: TrainConfig):
                 record["test"] = evaluate(model, enc["test"], cfg)
             run.end_epoch(record, adapter_state_dict(model) if improved else None)
 
-    # 5. if asked, the best epoch's model with its adapters merged, as a HF checkpoint (before
-    # the run is marked finished: killed during the export, --resume exports again)
-    if run.main and cfg.save_merged and run.best_state is not None:
-        export_merged(model, run.best_state, cfg)
-        run.say(f"merged model written to {cfg.save_merged}")
+        # 5. if asked, the best epoch's model with its adapters merged, as a HF checkpoint
+        # (before the run is marked finished: killed during the export, --resume exports again)
+        if run.main and cfg.save_merged and run.best_state is not None:
+            export_merged(model, run.best_state, cfg)
+            run.say(f"merged model written to {cfg.save_merged}")
     return run.finish()
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg, num_labels):
@@ -331,10 +336,12 @@ def predict(model, enc, batch_size=128, bf16=False):
 
 def export_merged(model, best_state, cfg):
     """The best adapter and head loaded, every adapter folded into its weight, written as a
-    plain HF checkpoint (with the tokenizer's files) into --save-merged."""
+    plain HF checkpoint (with the tokenizer's files) that replaces the folder --save-merged;
+    its config.json names the run (delora_run), so that the run may replace it again."""
     load_adapter_state_dict(model, best_state)
-    save_pretrained(merge_adapters(model).cpu(), cfg.save_merged,
-                    tokenizer_from=resolve(cfg.model, "tokenizer").parent)
+    merged, tokenizer = merge_adapters(model).cpu(), resolve(cfg.model, "tokenizer").parent
+    write_atomic_folder(cfg.save_merged, lambda folder: save_pretrained(
+        merged, folder, tokenizer_from=tokenizer, delora_run=run_name(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,22 +355,19 @@ def parse_args(argv):
                description="Fine-tune RoBERTa with DeLoRA on a GLUE task (RED splits).",
                epilog="per-task defaults (paper Table 9; lora_lr for --method lora):\n"
                       "  task   lam     lr      lam_lr  batch   epochs  dropout lora_lr\n"
-                      + table + "\n\nother modes:\n"
-                      "  train.py --plan table4 [OPTIONS]             the 80 commands of Table 4\n"
-                      "  predict.py RUN.json TEXT [TEXT_B]            score a sentence (pair)\n"
-                      "  report.py [OUT_DIR] [--plots DIR]            tables and figures\n"
-                      "  torchrun --nproc_per_node=N train.py TASK SEED   one run on N GPUs")
+                      + table + "\n\nalso:  train.py --plan table4 [OPTIONS]    predict.py "
+                      "RUN.json TEXT [TEXT_B]\n       report.py [OUT_DIR]                 "
+                      "torchrun --nproc_per_node=N train.py TASK SEED")
     for f in fields(TrainConfig):
         kind = next(t for t in (bool, int, float, str) if t is f.type or t in get_args(f.type))
-        help = f.metadata["help"]
+        help, flags = f.metadata["help"], f.metadata["flags"] or ["--" + f.name.replace("_", "-")]
         if f.default is MISSING:  # TASK, SEED
             p.add_argument(f.name, type=kind, help=help)
         elif kind is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=help)
+            p.add_argument(*flags, action="store_true", help=help)
         else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                           help=help + ("" if f.default is None else " (default: %(default)s)"),
-                           **f.metadata["cli"])
+            p.add_argument(*flags, type=kind, default=f.default, help=help + (
+                "" if f.default is None else " (default: %(default)s)"), **f.metadata["cli"])
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).is_dir():
         p.error(f"--data {args.data}: no such folder")
