@@ -1280,7 +1280,8 @@ def test_save_merged_replaces_only_an_export_of_its_own_run_or_with_overwrite(ck
 
 
 RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
-STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+STSB_HEADER = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+               "\tscore\n")
 
 
 def stsb_row(i, score):
@@ -1882,6 +1883,25 @@ def test_imports_flow_one_way():
     assert not imported("run.py") & {"train", "predict", "report"}
     assert not imported("report.py") & {"train", "run", "torch", "predict"}
     assert "run" in imported("train.py") and "train" in imported("predict.py")
+
+
+def test_the_reading_path_stays_short():
+    """train.py tells the protocol: <= 400 lines, train() <= 80, the paper's rule (test only
+    on a strict improvement) at most three blocks deep; the README stays a guide (<= 250)."""
+    import ast
+    source = (HERE / "train.py").read_text()
+    fn = next(n for n in ast.parse(source).body if getattr(n, "name", "") == "train")
+    assert len(source.splitlines()) <= 400 and fn.end_lineno - fn.lineno + 1 <= 80
+    rule = next(n for n in ast.walk(fn) if isinstance(n, ast.If)
+                and getattr(n.test, "id", "") == "improved")
+    depth = {id(c): 0 for c in fn.body}
+    for node in ast.walk(fn):
+        for child in ast.iter_child_nodes(node):
+            if id(child) not in depth:
+                depth[id(child)] = depth.get(id(node), 0) + isinstance(
+                    node, (ast.For, ast.With, ast.If, ast.Try, ast.While))
+    assert depth[id(rule)] <= 2                        # with, for, then this if: three levels
+    assert len((HERE / "README.md").read_text().splitlines()) <= 250
 
 
 @pytest.mark.slow
