@@ -158,6 +158,8 @@ def robustness_table(counted):
 # ---------------------------------------------------------------------------------------------
 # Figures (matplotlib, imported only here)
 
+DPI = 170  # a 4-inch panel is 680 px wide, its 10-point labels 24 px high: legible on a page
+
 def plots(runs, directory):
     """Write the figures whose runs exist into directory; returns the paths written. A figure
     whose runs are missing is skipped with one printed line."""
@@ -175,7 +177,7 @@ def plots(runs, directory):
             print(f"skipped {name}.png: {why}")
             continue
         path = directory / f"{name}.png"
-        fig.savefig(path, dpi=80, bbox_inches="tight")
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
         print(f"wrote {path}")
@@ -195,14 +197,14 @@ def _labels(runs):
     return text(common), labels
 
 
-def _figure(plt, title, n, cols=4, w=4.0, h=3.0):
+def _figure(plt, title, n, cols=2, w=4.0, h=3.0):
     cols = min(cols, n)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows + 0.4), squeeze=False,
                              constrained_layout=True)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return fig, list(axes.flat)
 
 
@@ -273,6 +275,9 @@ def _vs_multiplier(plt, tasks, ylabel, series):
             ax.plot([], [], "rx", label="diverged: result before the NaN")
         ax.set(xscale="log", title=task, xlabel="learning-rate multiplier of A, B",
                ylabel=ylabel.format(metric=runs[0]["metric"]))
+        mults = sorted({_mult(r) for r in runs})  # a label at each multiplier, none between
+        ax.set_xticks(mults, [f"{m:g}" for m in mults])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     return fig
 

@@ -672,13 +672,14 @@ class Run:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             stored = state.pop("sha256", None)  # None: written before checkpoints had one
-            if stored is not None and stored != digest(state).hexdigest():
-                raise ValueError("its contents do not match the SHA-256 stored in it")
+            why = None if stored in (None, digest(state).hexdigest()) else \
+                "its contents do not match the SHA-256 stored in it"
             theirs = dict(state["settings"])
         except Exception as e:  # whatever a truncated or overwritten file makes torch.load raise
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UsageError(f"{path} is damaged: {why} (it is left as it is; restore it, or "
-                             f"start over with --overwrite)") from e
+            why = f"torch.load cannot read it ({type(e).__name__})"
+        if why:
+            raise UsageError(f"{path} is damaged: {why}; it is left as it is (restore it, or "
+                             f"start over with --overwrite)")
         differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {theirs.get(k)})"
                   for k, v in self.cfg.results().items() if not same_setting(v, theirs.get(k))]
         if state["world"] != self.dist.world:

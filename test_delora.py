@@ -28,7 +28,7 @@ import train
 from delora import DeLoRALinear, LoRALinear, add_adapters
 
 HERE = Path(__file__).parent
-SHARED_GLUE = HERE.parent / "shared" / "glue"
+SHARED_GLUE = glue.LOCAL_GLUE  # the real GLUE files, where this checkout has them
 SENTENCES = [
     "A man is eating a meal.", "A man is eating food.", "The sky is blue today.",
     "A woman is playing the guitar.", "Two dogs run in the park.", "It rains in the city.",

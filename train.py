@@ -226,7 +226,8 @@ def train(cfg: TrainConfig):
                 record.update(val=evaluate(model, enc["val"], cfg),
                               lr={g["name"]: g["lr"] for g in optimizer.param_groups},
                               adapters=adapter_diagnostics(model))  # λ, ‖ΔW‖_F, the bound
-            improved = run.main and record["val"][metric] > run.progress.best  # NaN never is
+            # strictly: a tie is no improvement (nor is a NaN metric ever one)
+            improved = run.main and record["val"][metric] > run.progress.best
             if improved:
                 run.progress.best = record["val"][metric]
                 record["test"] = evaluate(model, enc["test"], cfg)
