@@ -160,6 +160,7 @@ def robustness_table(counted):
 
 DPI = 170  # a 4-inch panel is 680 px wide, its 10-point labels 24 px high: legible on a page
 
+
 def plots(runs, directory):
     """Write the figures whose runs exist into directory; returns the paths written. A figure
     whose runs are missing is skipped with one printed line."""
