@@ -397,7 +397,11 @@ def main(argv=None):
         p.exit(1, f"report.py: error: no run summaries under {args.out_dir} (train.py writes "
                   f"one <run>.json per run)\n")
     text, data = report(runs)
-    print(text, end="")
+    try:
+        print(text, end="", flush=True)
+    except BrokenPipeError:  # the reader stopped (| head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + 13)  # as a process killed by SIGPIPE
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1))
     if args.csv:

@@ -788,6 +788,9 @@ def command_line(prog):
         raise SystemExit(f"{prog}: {e}" if rank0 else 130)
     except KeyboardInterrupt:  # Ctrl-C before training, or outside train.py
         raise SystemExit(f"{prog}: stopped at once (Ctrl-C)" if rank0 else 130)
+    except BrokenPipeError:  # the reader of our output stopped (| head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+        raise SystemExit(128 + 13)  # as a process killed by SIGPIPE
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

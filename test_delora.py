@@ -1699,6 +1699,18 @@ def test_shards_and_weights_make_the_global_batch_mean():
     assert run.Dist().shard(np.arange(5))[1] == 1.0
 
 
+@pytest.mark.slow
+def test_plan_piped_into_head_ends_quietly(tmp_path):
+    """A reader that stops early (here: at once) ends the script quietly, as SIGPIPE would."""
+    fake_run(tmp_path / "runs", "rte", 42, 0.7)
+    for script, args in (("train.py", "--plan table4"), ("report.py", tmp_path / "runs")):
+        p = subprocess.run(f"set -o pipefail; {shlex.quote(sys.executable)} "
+                           f"{shlex.quote(str(HERE / script))} {args} | head -n 0", shell=True,
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                           executable="/bin/bash")
+        assert (p.stdout, p.stderr, p.returncode) == ("", "", 141), (script, p.stderr)
+
+
 def test_plan_prints_the_80_runs_of_table_4(capsys, tmp_path):
     lines = train.main(["--plan", "table4", "--data", str(tmp_path)])
     assert capsys.readouterr().out.splitlines() == lines and len(lines) == 80

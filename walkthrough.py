@@ -13,6 +13,7 @@ after the first, in editors that know the marker.
 import copy
 import math
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from delora import DeLoRALinear, LoRALinear
 
 HERE = Path(__file__).resolve().parent
+if hasattr(signal, "SIGPIPE"):  # read through `| head` or `| less`: stop quietly when it does
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 # Where section 4 saves its figure ("" for none); the tests send it elsewhere.
 FIGURE = os.environ.get("WALKTHROUGH_FIGURE", str(HERE / "figures" / "walkthrough_bound.png"))
 
