@@ -1681,10 +1681,20 @@ def test_bad_input_under_torchrun_ends_every_process_with_one_line(ckpt, ddp_dat
     assert p.returncode != 0 and (p.stdout + p.stderr).count(message) == 1
     p = torchrun(tmp_path, ["wnli", 0])
     assert p.returncode != 0 and (p.stdout + p.stderr).count("unknown task 'wnli'") == 1
-    # the rank under torchrun: its parser takes --r for one of its own (--rdzv-..., --role, ...)
-    p = torchrun(tmp_path, ["rte", 0, "--adapter-rank", 4, "--bogus"])
-    assert "train.py: error: unrecognized arguments: --bogus" in p.stderr  # --adapter-rank passed
-    assert train.parse_args(["rte", "0", "--adapter-rank", "4"]).r == 4
+
+
+def test_the_rank_under_torchrun_is_adapter_rank(capsys):
+    """torchrun's own parser takes --r for one of its options (--rdzv-..., --role, ...) and
+    refuses the command; --adapter-rank reaches train.py, which reads it as --r."""
+    from torch.distributed.run import get_args_parser
+    launch = ["--standalone", "--nproc_per_node=2", str(HERE / "train.py"), "rte", "0"]
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args([*launch, "--r", "4"])
+    assert "ambiguous option: --r" in capsys.readouterr().err
+    passed = get_args_parser().parse_args([*launch, "--adapter-rank", "4"]).training_script_args
+    assert passed == ["rte", "0", "--adapter-rank", "4"] and train.parse_args(passed).r == 4
+    cfg = train.TrainConfig("rte", 0, r=4)
+    assert "--adapter-rank 4" in run.command(cfg, torchrun=True) and "--r 4" in run.command(cfg)
 
 
 def test_shards_and_weights_make_the_global_batch_mean():
