@@ -111,7 +111,9 @@ class DeLoRALinear(AdapterLinear):
         self.lam = nn.Parameter(torch.tensor(float(lam), device=W.device))
         self.register_buffer("A0", A.clone().to(W))  # clone: never a view of the trained A
         self.register_buffer("B0", B.clone().to(W))
-        self.register_buffer("w", W.detach().float().norm(dim=0).to(W))  # (in,), fixed now
+        # (in,), fixed now; computed in fp32 at least (a bf16 W's norms in bf16 would be coarse)
+        exact = torch.promote_types(W.dtype, torch.float32)
+        self.register_buffer("w", W.detach().to(exact).norm(dim=0).to(W.dtype))
 
     @staticmethod
     def xi(A, B):

@@ -32,8 +32,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -44,8 +45,9 @@ try:
 except ImportError:
     fcntl = None
 
-from delora import adapter_state_dict, count_parameters, load_adapter_state_dict
+from delora import adapter_state_dict, count_parameters, load_adapter_state_dict, merge_adapters
 from glue import TASKS, get_task
+from roberta import resolve, save_pretrained
 
 LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) per window
 UMASK = os.umask(0o022)  # what files are created with (read here, then put back)
@@ -124,6 +126,23 @@ def write_atomic(path, write):
     write(tmp)
     os.chmod(tmp, 0o666 & ~UMASK)  # safetensors writes 0600
     os.replace(tmp, path)
+
+
+def to_device(batch, device):
+    """A batch dict's tensors on the device (pinned and asynchronous to a GPU)."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin)
+            for k, v in batch.items()}
+
+
+def export_merged(model, best_state, cfg):
+    """The best adapter and head loaded, every adapter folded into its weight, written as a
+    plain HF checkpoint (with the tokenizer's files) that replaces the folder --save-merged;
+    its config.json names the run (delora_run), so that the run may replace it again."""
+    load_adapter_state_dict(model, best_state)
+    merged, tokenizer = merge_adapters(model).cpu(), resolve(cfg.model, "tokenizer").parent
+    write_atomic_folder(cfg.save_merged, lambda folder: save_pretrained(
+        merged, folder, tokenizer_from=tokenizer, delora_run=run_name(cfg)))
 
 
 def write_atomic_folder(path, write):
@@ -762,10 +781,32 @@ def plan_main(argv, parse_args):
     return lines
 
 
+def setting(default=MISSING, help="", results=True, flags=(), **cli):
+    """A field of train.TrainConfig: its default, its --help text, whether it can change the
+    numbers (results=False: how the run executes), its spellings (default --the-name), and
+    more of argparse's add_argument (choices, metavar)."""
+    return field(default=default, metadata=dict(help=help, results=results, flags=flags, cli=cli))
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump; under torchrun from rank 0 only
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if Dist.from_env().main
                   else None)
+
+    def add_settings(self, config_class):
+        """One argument per `setting` field: positional without a default, else an option."""
+        for f in fields(config_class):
+            kind = next(t for t in (bool, int, float, str) if t is f.type or t in get_args(f.type))
+            help = f.metadata["help"]
+            flags = f.metadata["flags"] or ["--" + f.name.replace("_", "-")]
+            if f.default is MISSING:  # TASK, SEED
+                self.add_argument(f.name, type=kind, help=help)
+            elif kind is bool:
+                self.add_argument(*flags, action="store_true", help=help)
+            else:
+                self.add_argument(*flags, type=kind, default=f.default, help=help + (
+                    "" if f.default is None else " (default: %(default)s)"), **f.metadata["cli"])
+        return self
 
 
 @contextmanager

@@ -961,6 +961,118 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert [f(0), f(3), f(6), f(53), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
+def official_lr_factor(step, num_warmup_steps, num_training_steps):
+    """The reference library's linear schedule with warmup (get_linear_schedule_with_warmup),
+    written out; the official script calls it with num_warmup_steps = 0.06 * total."""
+    if step < num_warmup_steps:
+        return float(step) / float(max(1, num_warmup_steps))
+    return max(0.0, float(num_training_steps - step) /
+               float(max(1, num_training_steps - num_warmup_steps)))
+
+
+@pytest.mark.parametrize("total", [60, 6240, 28760])   # a 60-step run, full RTE, full STS-B
+def test_lr_schedule_is_the_official_one_at_every_step_fractional_warmup_included(total):
+    f = train.linear_schedule(total)
+    official = [official_lr_factor(s, 0.06 * total, total) for s in range(total + 1)]
+    assert [f(s) for s in range(total + 1)] == official                  # ==, every step
+    rounded = [official_lr_factor(s, int(0.06 * total), total) for s in range(total + 1)]
+    assert sum(a != b for a, b in zip(official, rounded)) >= total - 1   # int() would differ
+
+
+TRAJECTORY = HERE / "fixtures" / "trajectory.safetensors"  # the official method's; fixtures/README
+
+
+class ReplayedDropout(nn.Module):
+    """The adapter dropout of the official run that made the trajectory: each call draws a mask
+    over the padded (B, T, C) batch from its own seeded generator; here the rows of the real
+    tokens (the layout the project computes in) are taken from it."""
+
+    def __init__(self, p, seed, current):
+        super().__init__()
+        self.p, self.g, self.current = p, torch.Generator().manual_seed(seed), current
+
+    def forward(self, x):                                        # x: (N, C), the real tokens
+        B, T = self.current["attention_mask"].shape
+        keep = torch.rand((B, T, x.shape[-1]), generator=self.g, dtype=torch.float64) >= self.p
+        keep = keep.reshape(B * T, -1)[self.current["attention_mask"].flatten().bool()]
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def replay_official_trajectory(method, mutate=lambda model: None):
+    """The project's model loaded with the official run's initial tensors, trained on its
+    batches through train.param_groups, train.linear_schedule and train.train_step, in float64,
+    every dropout of the model 0 and the adapters' masks replayed. Returns the fixture's run,
+    its tensors, and ours: losses, learning rates, final state."""
+    from safetensors import safe_open
+    with safe_open(TRAJECTORY, "pt") as f:
+        meta, fixture = json.loads(f.metadata()["trajectory"]), {k: f.get_tensor(k) for k in f.keys()}
+    official, s = meta[method], meta[method]["settings"]
+    cfg = train.TrainConfig("mnli", 0, model=str(HERE / "fixtures" / "tiny-roberta"),
+                            method=method, r=s["r"], lr=s["lr"], lam=s.get("lam"),
+                            lam_lr=s.get("lam_lr"), alpha=s.get("alpha", 8.0),
+                            dropout=s["dropout"], batch_size=s["batch_size"], epochs=s["epochs"])
+    torch.set_default_dtype(torch.float64)
+    try:                                   # float64 from the start: w is W's norms in float64
+        model = train.build_model(cfg, 3)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    initial = {k.removeprefix(f"{method}.initial."): t for k, t in fixture.items()
+               if k.startswith(f"{method}.initial.")}
+    state = delora.adapter_state_dict(model)
+    for key in state:
+        frozen = key.replace(".A0", ".A").replace(".B0", ".B")  # the frozen copies: A, B at init
+        if key.endswith(".w"):
+            torch.testing.assert_close(state[key], initial[key], rtol=1e-15, atol=0)
+        else:
+            state[key] = initial[frozen].to(state[key].dtype)
+    delora.load_adapter_state_dict(model, state)
+    current = {}
+    for name, m in delora.adapters(model):
+        m.dropout = ReplayedDropout(s["dropout"], official["dropout_seeds"][name], current)
+    for m in model.modules():                                    # the model's own dropouts: 0
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for layer in model.layers:
+        layer.attention.attn_dropout = 0.0
+    mutate(model)
+    optimizer = torch.optim.AdamW(train.param_groups(model, cfg))
+    data = meta["data"]
+    steps = cfg.epochs * math.ceil(len(data["ids"]) / cfg.batch_size)  # as train() counts them
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.linear_schedule(steps))
+    enc = glue.Encoded(data["ids"], [[0] * len(x) for x in data["ids"]],
+                       np.array(data["labels"]), model.config.pad_token_id)
+    losses, lrs = [], []
+    model.train()
+    for idx in official["batches"]:
+        batch = enc.batch(np.array(idx))
+        current["attention_mask"] = batch["attention_mask"]
+        lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        losses.append(train.train_step(model, optimizer, batch).item())
+        scheduler.step()
+    return official, fixture, dict(losses=losses, lrs=lrs, final=delora.adapter_state_dict(model))
+
+
+@pytest.mark.parametrize("method", ["delora", "lora"])
+def test_the_official_methods_trajectory_is_ours_step_for_step(method):
+    """fixtures/trajectory.safetensors: 33 steps of the official method (its DeLoRA or LoRA
+    layer, optimizer groups and schedule, on the reference library, float64). From the same
+    initial tensors and batches, the project's losses, learning rates and final A, B, λ and
+    head equal them to 1e-9."""
+    official, fixture, ours = replay_official_trajectory(method)
+    assert len(ours["losses"]) == 33
+    assert ours["losses"] == pytest.approx(official["losses"], rel=1e-9, abs=0)
+    assert ours["lrs"] == [pytest.approx(lr, rel=1e-12, abs=0) for lr in official["lrs"]]
+    final = {k.removeprefix(f"{method}.final."): t for k, t in fixture.items()
+             if k.startswith(f"{method}.final.")}
+    for key, expected in final.items():
+        if not key.endswith(".w"):
+            torch.testing.assert_close(ours["final"][key], expected, rtol=1e-9, atol=1e-12)
+    moved = [k for k in final if not torch.allclose(
+        final[k], fixture[f"{method}.initial.{k}"], rtol=1e-3, atol=0)]
+    assert {k.rsplit(".", 1)[1] for k in moved} >= ({"A", "B", "lam", "weight"}
+                                                    if method == "delora" else {"A", "B"})
+
+
 def test_loss_is_cross_entropy_or_mse_for_one_output_in_fp32():
     logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
     ce = (-torch.log_softmax(logits, -1)[[0, 1], [0, 0]]).mean()
@@ -1051,15 +1163,43 @@ def test_data_order_follows_the_seed_and_changes_every_epoch(ckpt, glue_dir, tmp
 
 
 def test_learning_rates_follow_the_schedule_in_every_group(ckpt, glue_dir, tmp_path):
-    # 40 examples, batch 8: 5 steps an epoch, 4 epochs: 20 steps, warmup int(0.06 * 20) = 1
+    # 40 examples, batch 8: 5 steps an epoch, 4 epochs: 20 steps, warmup 0.06 * 20 = 1.2 steps
     s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 4, "--batch-size", 8,
                 "--lr", 0.02, "--lam-lr", 0.003, "--lr-mult", 0.5, "--out-dir", tmp_path)
     base = {"adapter": 0.01, "head": 0.02, "no_decay": 0.02, "lam": 0.003}  # x0.5: A, B only
     for e in s["epochs"]:
-        step = 5 * (e["epoch"] + 1)
-        factor = (20 - step) / (20 - 1)                 # past warmup: linear decay to 0
+        last = 5 * (e["epoch"] + 1) - 1                 # the epoch's last step (from 0)
+        factor = (20 - last) / (20 - 1.2)               # past warmup: linear decay to 0
         assert e["lr"] == pytest.approx({k: v * factor for k, v in base.items()}, abs=1e-12)
-    assert set(s["epochs"][-1]["lr"].values()) == {0.0}
+    assert s["epochs"][-1]["lr"]["lam"] == pytest.approx(0.003 / 18.8)  # the last step's, not 0
+    lam = 4.0
+    for step in range(20):                              # λ's weight decay alone, step by step
+        lam *= 1 - 0.003 * train.linear_schedule(20)(step) * train.WEIGHT_DECAY
+    assert s["epochs"][-1]["lam_decay_only"] == pytest.approx(lam, rel=1e-12) and lam < 4.0
+
+
+def test_the_seed_reaches_the_initial_adapters_and_head(glue_dir, tmp_path, monkeypatch):
+    """As in the official script, the run's seed seeds everything before the adapters and the
+    head are made: seeds differ in initialization, not only in split and data order."""
+    ckpt = make_checkpoint(tmp_path / "pretrained", num_labels=3)  # no 2-label head: a new one
+    build, made = train.build_model, []
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        made.append(delora.adapter_state_dict(model))
+        return model
+    monkeypatch.setattr(train, "build_model", spy)
+    for seed in (1, 2):
+        run_cli("rte", seed, "--model", ckpt, "--data", glue_dir, "--epochs", 1,
+                "--batch-size", 20, "--out-dir", tmp_path / str(seed))
+    for seed, state in zip((1, 2), made):
+        run.seed_everything(seed)                        # what the seed alone makes
+        expected = delora.adapter_state_dict(build(train.TrainConfig("rte", seed,
+                                                                     model=str(ckpt)), 2))
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    for key in ("layers.0.attention.query.A", "layers.1.attention.value.B",
+                "classifier.out_proj.weight"):
+        assert not torch.equal(made[0][key], made[1][key])
 
 
 def test_epoch_train_loss_is_the_mean_of_its_step_losses(ckpt, glue_dir, tmp_path, monkeypatch):

@@ -18,21 +18,19 @@ predictions with a finished run are predict.py's, tables and figures report.py's
 import argparse
 import math
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, get_args
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from delora import add_adapters, adapter_diagnostics, adapter_state_dict, count_parameters
-from delora import load_adapter_state_dict, merge_adapters
 from glue import TASKS, batch_order, compute_metrics, encode, get_task, load_glue
-from roberta import check_max_length, from_pretrained, load_tokenizer, resolve
-from roberta import save_pretrained
-from run import Parser, Run, UsageError, command_line, plan_main, run_name, user_errors
-from run import seed_everything, write_atomic_folder
+from roberta import check_max_length, from_pretrained, load_tokenizer
+from run import Parser, Run, UsageError, command_line, export_merged, plan_main, run_name
+from run import seed_everything, setting, to_device, user_errors
 
 
 class Hparams(NamedTuple):
@@ -60,13 +58,7 @@ HPARAMS = {
     "stsb": Hparams(12, 1e-2, 1e-2, 8,  40, 0.2,  4e-4),
 }
 WARMUP = 0.06        # fraction of all steps with a linearly rising learning rate
-WEIGHT_DECAY = 0.01  # AdamW's default, on A, B, λ and the head's weights
-
-
-def setting(default=MISSING, help="", results=True, flags=(), **cli):
-    """A TrainConfig field: its default, its --help text, whether it can change the numbers
-    (results=False: how the run executes), its spellings (default --the-name), argparse's cli."""
-    return field(default=default, metadata=dict(help=help, results=results, flags=flags, cli=cli))
+WEIGHT_DECAY = 0.01  # AdamW's default; on A, B, the head's weights and λ too (official)
 
 
 @dataclass
@@ -206,7 +198,8 @@ def train(cfg: TrainConfig):
     # 3. AdamW with λ in its own group at its own rate; linear warmup and decay over all steps
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps = cfg.epochs * math.ceil(len(enc["train"]) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps))
+    schedule = linear_schedule(steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     data_rng = np.random.RandomState(cfg.seed)  # draws each epoch's order of the examples
     run.start(model, optimizer, scheduler, data_rng)  # or back to where a checkpoint left it
 
@@ -219,13 +212,14 @@ def train(cfg: TrainConfig):
                     lengths, cfg.batch_size, data_rng, cfg.group_by_length)):
                 batch = to_device(enc["train"].batch(idx), run.device)
                 loss = train_step(forward, optimizer, batch, cfg.bf16, weight)
+                lr = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's
                 scheduler.step()
                 run.step_done(loss)  # checks the losses; checkpoints and stops when due
             record = dict(epoch=epoch, train_loss=run.epoch_loss())
             if run.main:  # rank 0 alone evaluates: exactly a single-process run's metrics
-                record.update(val=evaluate(model, enc["val"], cfg),
-                              lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                              adapters=adapter_diagnostics(model))  # λ, ‖ΔW‖_F, the bound
+                record.update(val=evaluate(model, enc["val"], cfg), lr=lr,  # the last step's
+                              adapters=adapter_diagnostics(model),  # λ, ‖ΔW‖_F, the bound
+                              **decay_alone(cfg, schedule, run.progress.step))
             # strictly: a tie is no improvement (nor is a NaN metric ever one)
             improved = run.main and record["val"][metric] > run.progress.best
             if improved:
@@ -249,9 +243,11 @@ def build_model(cfg, num_labels):
 
 
 def param_groups(model, cfg, head="classifier"):
-    """AdamW groups as in the official code: λ at its own learning rate; the other weights
-    (A, B, head) at lr with weight decay; biases and LayerNorm weights without decay.
-    Each group has a name: adapter (A, B), head, no_decay, lam."""
+    """AdamW groups as in the official code: λ at its own learning rate, and, like A, B and
+    the head's weights, with weight decay 0.01 (AdamW's default, which the official code keeps
+    for λ too: each step multiplies λ by 1 − lr_λ·f(s)·0.01 before its gradient step, a pull
+    toward 0 that `decay_alone` computes); the other weights (A, B, head) at lr; biases and
+    LayerNorm weights without decay. The groups are named adapter (A, B), head, no_decay, lam."""
     groups = {"adapter": [], "head": [], "no_decay": [], "lam": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -271,8 +267,13 @@ def param_groups(model, cfg, head="classifier"):
 
 
 def linear_schedule(total_steps):
-    """The learning-rate factor at each step: warm up over WARMUP of the steps, then decay."""
-    warmup = int(WARMUP * total_steps)
+    """The learning-rate factor of each step, the official script's schedule exactly: it passes
+    `num_warmup_steps = 0.06 * total` -- a fraction, not rounded -- to the reference library's
+    linear schedule, so the factor rises as step / (0.06 total) while step < 0.06 total, then
+    falls linearly to 0 at `total_steps`. E.g. 60 steps: warmup 3.6, so steps 0-3 get 0, 1/3.6,
+    2/3.6, 3/3.6, step 4 gets 56/56.4 (the peak, 1, is never reached exactly); an int(3.6) = 3
+    would give every step but the first and the last another factor."""
+    warmup = WARMUP * total_steps  # a float, as the official code computes it
 
     def factor(step):
         if step < warmup:  # 1. warmup: 0 -> 1, linearly
@@ -281,10 +282,16 @@ def linear_schedule(total_steps):
     return factor
 
 
-def to_device(batch, device):
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin)
-            for k, v in batch.items()}
+def decay_alone(cfg, schedule, steps):
+    """What AdamW's weight decay alone makes of λ over the run's first `steps` steps, as if its
+    gradient were 0: λ₀ · Π_s (1 − lr_λ · f(s) · WEIGHT_DECAY), f the schedule -- the line that
+    λ's recorded values are read against (report.py's lambda.png). {} for LoRA (no λ)."""
+    if cfg.method != "delora":
+        return {}
+    lam = float(cfg.lam)
+    for s in range(steps):
+        lam *= 1 - cfg.lam_lr * schedule(s) * WEIGHT_DECAY
+    return dict(lam_decay_only=lam)
 
 
 def train_step(model, optimizer, batch, bf16=False, weight=1.0):
@@ -304,10 +311,12 @@ def logits_of(model, batch, bf16=False):
 
 
 def loss_fn(logits, labels):
-    """Cross-entropy, or MSE for a single output (STS-B regression); in fp32."""
+    """Cross-entropy, or MSE for a single output (STS-B regression); in fp32 at least (bf16
+    logits are cast up, a float64 model keeps float64)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels)
 
 
 def evaluate(model, enc, cfg):
@@ -335,21 +344,11 @@ def predict(model, enc, batch_size=128, bf16=False):
     return result
 
 
-def export_merged(model, best_state, cfg):
-    """The best adapter and head loaded, every adapter folded into its weight, written as a
-    plain HF checkpoint (with the tokenizer's files) that replaces the folder --save-merged;
-    its config.json names the run (delora_run), so that the run may replace it again."""
-    load_adapter_state_dict(model, best_state)
-    merged, tokenizer = merge_adapters(model).cpu(), resolve(cfg.model, "tokenizer").parent
-    write_atomic_folder(cfg.save_merged, lambda folder: save_pretrained(
-        merged, folder, tokenizer_from=tokenizer, delora_run=run_name(cfg)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv):
-    """train.py's arguments -> TrainConfig: TASK SEED, then one option per field."""
+    """train.py's arguments -> TrainConfig: TASK SEED, then one option per field (its help)."""
     table = "\n".join(f"  {t:5} " + "  ".join(f"{v:<6g}" for v in row)
                       for t, row in HPARAMS.items())
     p = Parser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -359,17 +358,7 @@ def parse_args(argv):
                       + table + "\n\nalso:  train.py --plan table4 [OPTIONS]    predict.py "
                       "RUN.json TEXT [TEXT_B]\n       report.py [OUT_DIR]                 "
                       "torchrun --nproc_per_node=N train.py TASK SEED")
-    for f in fields(TrainConfig):
-        kind = next(t for t in (bool, int, float, str) if t is f.type or t in get_args(f.type))
-        help, flags = f.metadata["help"], f.metadata["flags"] or ["--" + f.name.replace("_", "-")]
-        if f.default is MISSING:  # TASK, SEED
-            p.add_argument(f.name, type=kind, help=help)
-        elif kind is bool:
-            p.add_argument(*flags, action="store_true", help=help)
-        else:
-            p.add_argument(*flags, type=kind, default=f.default, help=help + (
-                "" if f.default is None else " (default: %(default)s)"), **f.metadata["cli"])
-    args = p.parse_args(argv)
+    args = p.add_settings(TrainConfig).parse_args(argv)
     if args.data is not None and not Path(args.data).is_dir():
         p.error(f"--data {args.data}: no such folder")
     try:
