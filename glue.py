@@ -108,27 +108,38 @@ def load_glue(task, seed, data=None):
     return train, dev.select(val_idx), dev.select(test_idx)
 
 
-def _load_local(task, root):
-    """(train, dev, the dev split's name) from a save_to_disk folder or the TSV files."""
-    spec = TASKS[task]
+def local_files(task, root):
+    """The files a local copy holds for the task: ('save_to_disk', folder, every file below it)
+    or ('tsv', folder, [train.tsv, dev file]) -- what the run reads, and what tells two copies
+    apart (run.data_tag)."""
+    spec, root = get_task(task), Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     for folder in (root / task, root / spec.folder, root):
         if (folder / "dataset_dict.json").is_file():
-            import datasets
-            d = datasets.load_from_disk(str(folder))
-            for split in ("train", spec.val_split):
-                if split not in d:
-                    raise FileNotFoundError(f"{folder} (save_to_disk) has no split {split!r}; "
-                                            f"it has {list(d)}")
-            return (_checked(spec, d["train"], f"{folder} train"),
-                    _checked(spec, d[spec.val_split], f"{folder} {spec.val_split}"),
-                    f"{folder} {spec.val_split}")
+            return "save_to_disk", folder, sorted(p for p in folder.rglob("*") if p.is_file())
         if (folder / "train.tsv").is_file() or (folder / spec.dev_file).is_file():
-            return (read_tsv(task, folder / "train.tsv"), read_tsv(task, folder / spec.dev_file),
-                    folder / spec.dev_file)
+            return "tsv", folder, [folder / "train.tsv", folder / spec.dev_file]
     raise FileNotFoundError(f"no {task} data under {root}: looked for dataset_dict.json "
                             f"(save_to_disk) or {spec.folder}/train.tsv and {spec.dev_file}")
+
+
+def _load_local(task, root):
+    """(train, dev, the dev split's name) from a save_to_disk folder or the TSV files."""
+    spec = TASKS[task]
+    kind, folder, _ = local_files(task, root)
+    if kind == "save_to_disk":
+        import datasets
+        d = datasets.load_from_disk(str(folder))
+        for split in ("train", spec.val_split):
+            if split not in d:
+                raise FileNotFoundError(f"{folder} (save_to_disk) has no split {split!r}; "
+                                        f"it has {list(d)}")
+        return (_checked(spec, d["train"], f"{folder} train"),
+                _checked(spec, d[spec.val_split], f"{folder} {spec.val_split}"),
+                f"{folder} {spec.val_split}")
+    return (read_tsv(task, folder / "train.tsv"), read_tsv(task, folder / spec.dev_file),
+            folder / spec.dev_file)
 
 
 def read_tsv(task, path):
@@ -137,13 +148,15 @@ def read_tsv(task, path):
     subtle: the files are raw TSV -- no CSV quoting, although some fields begin with `"` --
     so we split each line on tabs. MRPC starts with a BOM (utf-8-sig), CoLA has no header,
     SST-2 keeps its space before the tab (as the hub does), CoLA/dev.tsv has no final newline.
+    Windows line endings (CRLF, also mixed with LF) read as LF: the same examples, no `\r` at
+    the end of a last column (which would be CoLA's sentence).
     """
     import datasets
     spec = TASKS[task]
     if not path.is_file():
         raise FileNotFoundError(f"missing file {path}")
     try:
-        lines = path.read_bytes().decode("utf-8-sig").split("\n")
+        lines = path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").split("\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position "
                          f"{e.start})") from None

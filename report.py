@@ -68,10 +68,12 @@ def result(run):
 
 
 def settings(run, ignore=()):
-    """{'model', 'method', and each setting that differs from the task's defaults (the run's
-    `overrides`, as train.py stored them), but those in `ignore`}, as strings: what tells runs
-    apart in tables and figures."""
+    """{'model', 'method', 'data' (a local copy's tag), and each setting that differs from the
+    task's defaults (the run's `overrides`, as train.py stored them), but those in `ignore`},
+    as strings: what tells runs apart in tables and figures."""
     d = dict(model=model_tag(run), method=run["settings"]["method"])
+    if run.get("data_tag"):  # a local copy of the data (its files' tag): other data, other rows
+        d["data"] = run["data_tag"].removeprefix("data")
     d.update((k, f"{v:g}" if isinstance(v, float) else str(v))
              for k, v in sorted(run["overrides"].items()) if k not in ignore)
     return d

