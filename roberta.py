@@ -397,7 +397,7 @@ def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **conf
 def save_pretrained(model, directory, tokenizer_from=None, **config_extra):
     """Write a HF checkpoint directory: config.json (plus config_extra's keys, which HF keeps as
     attributes), model.safetensors (+ tokenizer files)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     cfg, directory = model.config, Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arch = "RobertaForSequenceClassification" if cfg.is_roberta else \
@@ -410,8 +410,9 @@ def save_pretrained(model, directory, tokenizer_from=None, **config_extra):
         config["problem_type"] = "regression"
     config.update(config_extra)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(export_state_dict(model), directory / "model.safetensors",
-              metadata={"format": "pt"})
+    # serialized, then written by Python: a failed write is an OSError that names its cause
+    (directory / "model.safetensors").write_bytes(save(export_state_dict(model),
+                                                       metadata={"format": "pt"}))
     if tokenizer_from is not None:
         for f in HUB_FILES["tokenizer"] + ["merges.txt", "tokenizer_config.json",
                                            "special_tokens_map.json", "vocab.txt"]:
@@ -422,15 +423,18 @@ def save_pretrained(model, directory, tokenizer_from=None, **config_extra):
 
 def check_max_length(max_length, tokenizer, config, pair):
     """--max-length must fit the position embeddings (else an IndexError deep in the model on
-    the first long example) and hold the special tokens (else `tokenizers` silently leaves
-    the sequences untruncated): RoBERTa pairs need 4 (<s> A </s></s> B </s>), BERT pairs 3."""
+    the first long example) and leave room for text besides the special tokens -- one token of
+    each text of a pair -- (else `tokenizers` trains on the special tokens alone, or leaves the
+    sequences untruncated): RoBERTa pairs need 4 + 2 (<s> A </s></s> B </s>), BERT pairs 3 + 2."""
     if max_length > config.max_tokens:
         raise ValueError(f"--max-length {max_length} is more than the model's "
                          f"{config.max_tokens} positions; use at most {config.max_tokens}")
-    need = tokenizer.num_special_tokens_to_add(pair)
+    special = tokenizer.num_special_tokens_to_add(pair)
+    need = special + (2 if pair else 1)
     if max_length < need:
-        raise ValueError(f"--max-length {max_length} cannot hold the {need} special tokens of "
-                         f"{'a pair' if pair else 'a sentence'}; use at least {need}")
+        raise ValueError(f"--max-length {max_length} leaves no room for the text of "
+                         f"{'a pair (one token of each)' if pair else 'a sentence'} beside its "
+                         f"{special} special tokens; use at least {need}")
 
 
 def load_tokenizer(name_or_path="FacebookAI/roberta-base", max_length=256):

@@ -21,6 +21,7 @@ and no RNG state; we add what an exact resume needs.
 import argparse
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,9 +31,10 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_args
@@ -51,8 +53,6 @@ from glue import TASKS, get_task, local_files
 from roberta import resolve, save_pretrained
 
 LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) per window
-UMASK = os.umask(0o022)  # what files are created with (read here, then put back)
-os.umask(UMASK)
 tqdm.monitor_interval = 0  # no monitor thread: nothing left running when a process exits
 
 
@@ -65,15 +65,33 @@ class Diverged(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM: the checkpoint is written; the message says how to resume."""
+    """SIGINT, SIGTERM or SIGHUP: the checkpoint is written, and the message says how to resume;
+    or (loading=True) nothing was written yet, and every torchrun process says so."""
 
-    def __init__(self, message, signum):
+    def __init__(self, message, signum, loading=False):
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.loading = signum, loading
 
 
 class StoppedAtOnce(Exception):
     """A second Ctrl-C: stopped without a checkpoint; the message says what is on disk."""
+
+
+class RunError(Exception):
+    """A run that could not do its work: a fault of the machine (no space left, a read-only or
+    busy place, out of memory, another process of the launch gone) or a run without a result.
+    One line naming what failed, where and why. all_ranks: every torchrun process says it (a
+    peer's death), not rank 0 alone (which would say the same as the others)."""
+
+    def __init__(self, message, all_ranks=False):
+        super().__init__(message)
+        self.all_ranks = all_ranks
+
+
+def why(error):
+    """An OSError's cause in words: 'no space left on device', 'read-only file system', ..."""
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]
 
 
 @contextmanager
@@ -160,13 +178,43 @@ def run_paths(cfg):
                 lock=d / f"{n}.lock")
 
 
-def write_atomic(path, write):
-    """write(tmp_path), then rename over path: readers see the old file or the new one. The
-    temporary name is this process's own; the file gets the umask's mode, like any other."""
+def write_atomic(path, data):
+    """Write data (bytes, or str as UTF-8) to a temporary name of this process's own, then
+    rename it over path: readers see the old file or the new one, never a part. A write that
+    fails (a full disk, a read-only place) removes its temporary file, leaves the old file as it
+    was and is a RunError naming the file and the cause. Serialized first, written by Python:
+    so the cause is the OSError's (torch.save's own writer reports a full disk without one)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~UMASK)  # safetensors writes 0600
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # mode 0666 & ~umask, like any other file
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise RunError(f"cannot write {path}: {why(e)}; the previous version is kept") from e
+        raise
+
+
+def check_writable(path, option, given=None):
+    """A folder the run will write into (below the option's value `given`): it, or the deepest
+    part of it that exists, must be a folder that takes a file. Checked by writing one (and
+    removing it): as root, os.access says yes also on a read-only file system."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    named = f"{option} {given if given is not None else path}"
+    if not existing.is_dir():
+        raise UsageError(f"{named}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{named}: cannot write in {existing}: {why(e)}") from None
 
 
 def to_device(batch, device):
@@ -188,35 +236,39 @@ def export_merged(model, best_state, cfg):
 
 def write_atomic_folder(path, write):
     """write(tmp_folder), then put it in path's place, replacing what was there as a whole (a
-    kill before the swap leaves the old folder as it was)."""
-    path = Path(path)
+    kill before the swap leaves the old folder as it was). A symbolic link is followed: the
+    folder it points to is replaced, the link stays. A failed write removes the temporary
+    folder, puts the old one back and is a RunError naming the folder and the cause."""
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{k}") for k in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~UMASK)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        if isinstance(e, OSError):
+            raise RunError(f"cannot write {path}: {why(e)}; what was there is kept") from e
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output_folder(path, option):
-    """A folder the run will write into: it, or the deepest part of it that exists, must be a
-    writable folder (checked before anything is written)."""
-    path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: {existing} is not writable")
-
-
 def check_export_folder(cfg):
-    """--save-merged DIR is replaced as a whole by the export: DIR must not hold the run's logs,
-    model or data, and, unless --overwrite, hold nothing but an earlier export of this run."""
+    """--save-merged DIR is replaced as a whole by the export: DIR must not be a mount point
+    (which cannot be replaced) nor hold the run's logs, model or data, and, unless --overwrite,
+    hold nothing but an earlier export of this run. A link to a folder: that folder."""
     path = Path(cfg.save_merged)
-    check_output_folder(path, "--save-merged")
+    path = path.resolve() if path.is_symlink() else path
+    if os.path.ismount(path):
+        raise UsageError(f"--save-merged {cfg.save_merged} is a mount point: the export replaces "
+                         f"its folder as a whole, which a mount point cannot be; give a folder "
+                         f"inside it")
+    check_writable(path, "--save-merged", cfg.save_merged)
+    check_writable(path.parent, "--save-merged", cfg.save_merged)  # written beside it first
     for what, other in (("logs", cfg.out_dir), ("model", cfg.model), ("data", cfg.data)):
         if other and (what == "logs" or Path(other).is_dir()) and \
                 path.resolve() in (Path(other).resolve(), *Path(other).resolve().parents):
@@ -247,6 +299,12 @@ class RunLock:
     def acquire(self):
         if fcntl is None:
             return
+        try:
+            self._acquire()
+        except OSError as e:
+            raise UsageError(f"cannot take the run's lock {self.path}: {why(e)}") from None
+
+    def _acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -270,7 +328,8 @@ class RunLock:
 
     def release(self):
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)
+            with suppress(OSError):  # a folder gone read-only since: the lock still goes
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 
@@ -327,28 +386,42 @@ class Dist:
         return part, len(part) * self.world / len(idx)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
+
+
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask the run to stop after the current step and
-    write its checkpoint; a second Ctrl-C stops at once. (A SIGTERM after a Ctrl-C does not:
-    that is torchrun passing the Ctrl-C on.) Under torchrun, the processes agree on the step at
-    which to stop (`agree`)."""
+    """SIGINT (Ctrl-C), SIGTERM (preemption) and SIGHUP (the terminal or ssh session gone) ask
+    the run to stop after the current step and write its checkpoint; a second Ctrl-C stops at
+    once. (A SIGTERM after a Ctrl-C does not: that is torchrun passing the Ctrl-C on.) While the
+    run loads (`deferred` False: nothing is written yet) a SIGTERM or SIGHUP stops it at once,
+    with a line saying so. Under torchrun the processes agree on the step at which to stop
+    (`agree`). `request` asks the same from code: the reader of our output gone (SIGPIPE)."""
 
     def __init__(self):
-        self.signum, self.previous = None, {}
+        self.signum, self.previous, self.deferred = None, {}, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 self.previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        self.request(signum)
+
+    def request(self, signum):
+        if signum == signal.SIGINT and (self.signum is not None or not self.deferred):
+            raise KeyboardInterrupt  # a second Ctrl-C, or one while loading: at once
+        if not self.deferred:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} while loading, before "
+                              f"anything was written: start it again with the same line (with "
+                              f"--resume, or without)", signum, loading=True)
         self.signum = self.signum or signum
 
     def agree(self, dist, requested=None):
@@ -405,38 +478,78 @@ def set_rng_state(state, data_rng):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+ENDED = ("finished", "diverged")  # nothing more to do; "running", "interrupted", "failed": more
+
+
+def read_summary(path):
+    """A run's JSON as a dict; {} for one that is not (damaged, edited); None if absent."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def existing_run(cfg, paths):
     """What is on disk under this run's name decides: 'fresh', 'resume' or 'ended' (finished
-    or diverged: nothing to do with --resume); bad combinations are one-line errors."""
+    or diverged: nothing to do with --resume); bad combinations are one-line errors.
+
+    --resume continues from the checkpoint; with nothing to resume (no checkpoint, no epoch
+    done: stopped or failed before its first checkpoint, or never started) it starts the run
+    from the beginning, so that a requeued command always works -- unless an unfinished run
+    of this task and seed with other options is on disk, which it names."""
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    summary = None
-    if paths["json"].exists():
-        try:
-            summary = json.loads(paths["json"].read_text())
-        except ValueError:
-            summary = {}
+    summary = read_summary(paths["json"])
     status = (summary or {}).get("status")
     if cfg.overwrite:  # Run.start deletes the old checkpoint and adapter, once it holds the lock
         return "fresh"
-    if status in ("finished", "diverged"):
+    if status in ENDED:
         if cfg.resume:
             return "ended"
         raise UsageError(f"{paths['json']} exists ({status}); pass --overwrite to run it again")
     has_checkpoint = paths["checkpoint"].exists()
+    done = len((summary or {}).get("epochs") or [])
+    what = f"{paths['json'].with_suffix('')} is unfinished ({status or 'no JSON'}, {done} " \
+           f"epoch(s) done)"
     if cfg.resume:
-        if not has_checkpoint:
-            hint = "run without --resume" if summary is None else "pass --overwrite to start over"
-            raise UsageError(f"nothing to resume: no checkpoint {paths['checkpoint']}; {hint}")
-        return "resume"
+        if has_checkpoint:
+            return "resume"
+        if done:
+            raise UsageError(f"{what} but its checkpoint {paths['checkpoint']} is gone: pass "
+                             f"--overwrite to start over")
+        other = unfinished_with_other_options(cfg, paths)
+        if other:
+            raise UsageError(f"--resume: no run with these options is on disk, but {other}: "
+                             f"resume with its options, or leave out --resume to start this one")
+        return "fresh"  # nothing to resume: from the beginning
     if summary is not None or has_checkpoint:
-        done = len((summary or {}).get("epochs", []))
-        what = f"{paths['json'].with_suffix('')} is unfinished ({status or 'no JSON'}, {done} " \
-               f"epoch(s) done)"
         if not has_checkpoint:  # stopped before its first checkpoint
-            raise UsageError(f"{what} and has no checkpoint: pass --overwrite to start over")
+            raise UsageError(f"{what} and has no checkpoint: pass --resume or --overwrite to "
+                             f"start it from the beginning")
         raise UsageError(f"{what}: pass --resume to continue it, or --overwrite to start over")
     return "fresh"
+
+
+def unfinished_with_other_options(cfg, paths):
+    """'RUN (interrupted) differs in --lr 0.02 (there: 0.01)' for the unfinished run of the same
+    task, seed, model and data beside this one whose options differ least; None if none."""
+    found = []
+    for path in paths["json"].parent.glob(f"*_seed{cfg.seed}.json"):
+        s = read_summary(path)
+        if not s or s.get("status") in ENDED or s.get("data_tag") != (data_tag(cfg) or None) \
+                or not path.with_name(f"{path.stem}_checkpoint.pt").exists() \
+                or not isinstance(s.get("settings"), dict):
+            continue
+        differ = [f"--{k.replace('_', '-')} {v} (there: {s['settings'].get(k)})"
+                  for k, v in cfg.results().items()
+                  if k not in ("model", "data") and v != s["settings"].get(k)]
+        if differ:
+            found.append((len(differ), f"{path.stem} ({s['status']}) differs in "
+                                       f"{'; '.join(differ)}"))
+    return min(found)[1] if found else None
 
 
 def digest(value, h=None):
@@ -461,28 +574,23 @@ def digest(value, h=None):
     return h
 
 
-def same_setting(ours, theirs):
-    """Equal settings; two local paths are equal when they name the same file or folder."""
-    if isinstance(ours, str) and isinstance(theirs, str) and os.path.exists(ours) \
-            and os.path.exists(theirs):
-        return os.path.samefile(ours, theirs)
-    return ours == theirs
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
 class Run:
     """One run as seen from outside the protocol: its device and processes, its files and
-    checkpoint, and the signals that stop it. train.train() makes one and calls it at the
-    points where the protocol meets the machinery (see the module docstring)."""
+    checkpoint, and the signals that stop it. train.train() holds one over the whole run
+    (`with Run(cfg) as run:`) and calls it where the protocol meets the machinery (see the
+    module docstring). However the run ends once its files exist -- finished, diverged, a
+    signal, a fault of the machine, a bug -- its JSON gets a final status (finished, diverged,
+    interrupted: a checkpoint to resume from, failed: the cause in `error`) and the lock goes."""
 
     def __init__(self, cfg):
         self.cfg, self.dist = cfg, Dist.from_env()
-        self.main = self.dist.main
-        self.say = print if self.main else (lambda *a, **k: None)  # only rank 0 prints
+        self.main, self.quiet = self.dist.main, False  # only rank 0 prints and writes
         self.progress, self.best_state, self.stop = Progress(), None, StopRequest()
-        self.t_start = time.time()
+        self.t_start, self.phase = time.time(), "loading"
+        self.started = self.closed = False  # files written / a final status written
         with user_errors():
             self.device = pick_device(cfg.device, self.dist.local_rank)
             self.paths = run_paths(cfg)  # named by the settings, the model's and data's files
@@ -491,14 +599,34 @@ class Run:
             raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the "
                              f"{self.dist.world} processes: each needs at least one example of "
                              f"every batch")
-        check_output_folder(cfg.out_dir, "--out-dir")
+        check_writable(self.paths["json"].parent, "--out-dir", cfg.out_dir)  # the run's folder
         if cfg.save_merged:
             check_export_folder(cfg)
-        self.ended = existing_run(cfg, self.paths) == "ended"
-        self.summary = json.loads(self.paths["json"].read_text()) if self.ended else None
+        decision = existing_run(cfg, self.paths)
+        self.ended, self.resuming = decision == "ended", decision == "resume"
+        self.summary = read_summary(self.paths["json"]) if self.ended else None
         if self.ended:
             self.say(f"{self.paths['json']}: already {self.summary['status']}; nothing to "
                      f"resume")
+
+    def say(self, *args, **kwargs):
+        """print(), on rank 0. If the reader of our output is gone (`| head`: SIGPIPE) or the
+        terminal is (EIO after SIGHUP), the output goes nowhere and the run stops as if that
+        signal had come: at the next step, with a checkpoint."""
+        if not self.main or self.quiet:
+            return
+        try:
+            print(*args, **kwargs, flush=True)
+        except OSError as e:
+            self.quiet = True
+            with suppress(OSError, ValueError):  # nothing more to stdout, not even at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.stop.request(getattr(signal, "SIGPIPE", signal.SIGTERM)
+                              if isinstance(e, BrokenPipeError) else STOP_SIGNALS[-1])
+
+    def __enter__(self):  # SIGINT, SIGTERM, SIGHUP: handled from now on (stop at once: loading)
+        self.stop.__enter__()
+        return self
 
     def distribute(self, model):
         """The module that training calls: compiled if asked (dynamic=True: the token count
@@ -515,26 +643,23 @@ class Run:
         return forward
 
     def start(self, model, optimizer, scheduler, data_rng):
-        """Take the run's lock (rank 0: one writer per run) and decide again what is on disk,
-        now for good; hold what a checkpoint saves; on --resume put it back where the checkpoint
-        left it; write the run's first files."""
+        """From here a signal stops the run at the next step, with a checkpoint. Take the run's
+        lock (rank 0: one writer per run) and decide again what is on disk, now for good; hold
+        what a checkpoint saves; on --resume put it back where the checkpoint left it; write the
+        run's first files."""
+        self.stop.deferred = True
         self.model, self.optimizer, self.scheduler, self.data_rng = \
             model, optimizer, scheduler, data_rng
+        cfg, model = self.cfg, self.model
         if self.main:
             self.lock.acquire()
-        try:
-            self._start()
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def _start(self):
-        cfg, model = self.cfg, self.model
-        if self.main and existing_run(cfg, self.paths) == "ended":
-            raise UsageError(f"{self.paths['json']} ended while this process was starting")
-        if self.main and cfg.overwrite:
-            for key in ("checkpoint", "adapter"):
-                self.paths[key].unlink(missing_ok=True)
+            decision = existing_run(cfg, self.paths)
+            if decision == "ended":
+                raise UsageError(f"{self.paths['json']} ended while this process was starting")
+            self.resuming = decision == "resume"
+            if cfg.overwrite:
+                for key in ("checkpoint", "adapter"):
+                    self.paths[key].unlink(missing_ok=True)
         self.summary = dict(
             task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
             overrides=cfg.overrides(), run_name=run_name(cfg), model_tag=model_tag(cfg.model),
@@ -542,11 +667,14 @@ class Run:
             metric=get_task(cfg.task).metrics[0], params=count_parameters(model),
             device=str(self.device), processes=self.dist.world, torch=torch.__version__,
             host=platform.node(), epochs=[], best_epoch=None, val=None, test=None)
-        if cfg.resume:
+        if self.resuming:
             self.restore(self.load_checkpoint())
+        elif cfg.resume:
+            self.say(f"nothing to resume under {self.paths['json'].with_suffix('')}: starting "
+                     f"from the beginning")
         if self.main:
-            self.paths["json"].parent.mkdir(parents=True, exist_ok=True)
             self.write_outputs(self.best_state)
+        self.started = True
 
     # -- the steps of an epoch
 
@@ -557,15 +685,16 @@ class Run:
         p = self.progress
         if p.order is None:
             p.order = draw_order()
-        self.t_epoch, self.window, self.seen = time.time(), [], 0
+        self.t_epoch, self.window, self.seen, self.phase = time.time(), [], 0, "training"
         self.bar = tqdm(total=len(p.order), initial=p.done, desc=f"epoch {p.epoch}",
-                        leave=False, dynamic_ncols=True, disable=None if self.main else True)
+                        leave=False, dynamic_ncols=True, disable=None if self.main else True,
+                        file=QuietOnFailure(sys.stderr, self.stop))
         try:
             for i in range(p.done, len(p.order)):
                 yield self.dist.shard(p.order[i])
         finally:
             self.bar.close()
-        self.train_seconds = time.time() - self.t_epoch
+        self.train_seconds, self.phase = time.time() - self.t_epoch, "evaluating"
 
     def step_done(self, loss):
         """After each optimizer step (loss: this process's weighted loss, still on the device):
@@ -620,14 +749,12 @@ class Run:
         """After an epoch's evaluation (record: rank 0's, with 'test' when validation
         improved; best_state: the adapter then): keep it, checkpoint, write the logs, print the
         epoch line; stop here if a signal asked to."""
-        p = self.progress
+        p, self.phase = self.progress, "saving"
         if self.main:
             n = sum(len(b) for b in p.order)
             record["examples_per_s"] = round(n / self.train_seconds, 1)
             if best_state is not None:
                 self.best_state = best_state
-                self.summary.update(best_epoch=record["epoch"], val=record["val"],
-                                    test=record["test"])
             record["seconds"] = round(time.time() - self.t_epoch, 2)
             self.summary["epochs"].append(record)
             self.summary["wall_time_s"] = round(time.time() - self.t_start, 1)
@@ -635,46 +762,94 @@ class Run:
         self.checkpoint()
         if self.main:
             self.write_outputs(best_state)
-            self.say(epoch_line(record, self.summary, self.cfg.epochs), flush=True)
+            self.say(epoch_line(record, self.summary, self.cfg.epochs))
         if self.stop.agree(self.dist):
             raise self.interrupted()
 
     def finish(self):
-        """The run has finished: its last JSON, the checkpoint deleted (unless kept)."""
-        self.end("finished")
-        self.say(f"done: best epoch {self.summary['best_epoch']}, test {self.summary['test']}; "
-                 f"logs in {self.paths['json'].parent}")
+        """The run has finished: its last JSON, the checkpoint deleted (unless kept). A run whose
+        validation metric was never a number (NaN every epoch: constant predictions) has no
+        result: it ends with that said, as a RunError."""
+        s, metric = self.summary, get_task(self.cfg.task).metrics[0]
+        no_result = None
+        if self.main and s["best_epoch"] is None:
+            no_result = (f"{self.paths['json']}: finished, but validation {metric} was never a "
+                         f"number in {len(s['epochs'])} epoch(s) (NaN: constant predictions?): "
+                         f"no best epoch, no result")
+        self.end("finished", **({"error": no_result} if no_result else {}))
+        if not no_result:
+            self.say(f"done: best epoch {s['best_epoch']}, test {s['test']}; logs in "
+                     f"{self.paths['json'].parent}")
         if self.dist.world > 1:  # the last collective: every process ends here, together
             torch.distributed.barrier()
-        return self.summary
+        if no_result:
+            raise RunError(no_result)
+        return s
 
     def end(self, status, **extra):
+        """Write the run's final status (rank 0); a finished or diverged run's checkpoint goes,
+        an interrupted or failed one's stays for --resume."""
+        self.closed = True
         self.summary.update(status=status, wall_time_s=round(time.time() - self.t_start, 1),
                             **extra)
         if self.main:
             self.write_outputs()
-            if status != "interrupted" and not self.cfg.keep_checkpoint:
+            if status in ENDED and not self.cfg.keep_checkpoint:
                 self.paths["checkpoint"].unlink(missing_ok=True)
-        self.lock.release()
 
-    def __enter__(self):  # SIGINT/SIGTERM now ask for a stop at the next step
-        self.stop.__enter__()
-        return self
-
-    def __exit__(self, kind, error, traceback):  # a divergence or a stop ends the run's JSON
+    def __exit__(self, kind, error, traceback):
+        """However the run ends, a final status and the lock released; a fault as one line."""
         self.stop.__exit__()
-        if isinstance(error, Diverged):
-            self.end("diverged", error=str(error))
-        elif isinstance(error, Interrupted):
-            self.end("interrupted")
-        elif error is not None:  # a crash, or a second Ctrl-C: the files stay as they are
-            self.lock.release()
-            if isinstance(error, KeyboardInterrupt):
+        try:
+            if error is None or not self.started or self.closed:
+                return False  # nothing of this run's to end: before its files, or already ended
+            if isinstance(error, (Diverged, Interrupted)):
+                self.end("diverged" if isinstance(error, Diverged) else "interrupted",
+                         **({"error": str(error)} if isinstance(error, Diverged) else {}))
+                return False
+            at_once = isinstance(error, KeyboardInterrupt)
+            message = "stopped at once (a second Ctrl-C)" if at_once else self.fault(error)
+            note = ""
+            try:
+                self.end("interrupted" if at_once and self.checkpointed is not None else "failed",
+                         error=message or f"{type(error).__name__}: {error}")
+            except RunError as e:
+                note = f" (and the run's JSON could not say so: {e})"
+            if at_once:
                 raise StoppedAtOnce(
-                    "stopped at once, before the run's first checkpoint: start it again with "
-                    "--overwrite" if self.checkpointed is None else "stopped at once; --resume "
-                    f"continues from the checkpoint of step {self.checkpointed}") from None
-        return False
+                    f"stopped at once, before the run's first checkpoint: start it again (with "
+                    f"--resume: from the beginning){note}" if self.checkpointed is None else
+                    f"stopped at once; --resume continues from the checkpoint of step "
+                    f"{self.checkpointed}{note}") from None
+            if message:
+                raise RunError(message + note, all_ranks=self.dist.world > 1 and
+                               peer_failure(error)) from error
+            return False  # a bug: its traceback follows, the JSON says failed
+        finally:
+            self.lock.release()
+
+    def fault(self, error):
+        """A fault of the machine as one line -- what failed, where, why, and how to go on once
+        the cause is gone; None for anything else (a bug, whose traceback is worth seeing)."""
+        p, cfg = self.progress, self.cfg
+        then = (f"--resume continues from the checkpoint of step {self.checkpointed}"
+                if self.checkpointed is not None else "--resume starts it from the beginning")
+        if isinstance(error, RunError):  # a write that failed: its file and cause
+            return f"{error}; once there is room or the place is writable again, {then}"
+        if isinstance(error, OSError):
+            return f"{error.filename or 'an operation on a file'}: {why(error)}; {then}"
+        if out_of_memory(error):
+            if self.phase == "evaluating":
+                return (f"out of memory evaluating epoch {p.epoch} (batches of "
+                        f"{cfg.eval_batch_size}): lower --eval-batch-size (--resume may change "
+                        f"it), then {then}")
+            return (f"out of memory at epoch {p.epoch}, step {p.step + 1} (batches of "
+                    f"{cfg.batch_size}, up to {cfg.max_length} tokens): lower --batch-size or "
+                    f"--max-length (a new run), or try --bf16; or free memory, then {then}")
+        if self.dist.world > 1 and peer_failure(error):
+            return (f"rank {self.dist.rank}: another process of this torchrun launch is gone "
+                    f"({type(error).__name__}; its own message says why); {then}")
+        return None
 
     def interrupted(self):
         p, world = self.progress, self.dist.world
@@ -688,20 +863,20 @@ class Run:
 
     def write_outputs(self, best_state=None):
         """The run's JSON and its two logs (in the official code's format), all from the
-        summary; the best adapter when given."""
+        summary; the best adapter when given. The run's folder is made here, if need be."""
+        from safetensors.torch import save
         paths, summary = self.paths, self.summary
-
-        def text(path, key):
-            lines = [f"epoch {e['epoch']}: {e[key]}\n" for e in summary["epochs"] if key in e]
-            write_atomic(path, lambda p: p.write_text("".join(lines)))
-        text(paths["log"], "val")
-        text(paths["test"], "test")
+        try:
+            paths["json"].parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot make the run's folder {paths['json'].parent}: {why(e)}") from e
+        for path, key in ((paths["log"], "val"), (paths["test"], "test")):
+            write_atomic(path, "".join(f"epoch {e['epoch']}: {e[key]}\n"
+                                       for e in summary["epochs"] if key in e))
         if best_state is not None:
-            from safetensors.torch import save_file
-            write_atomic(paths["adapter"], lambda p: save_file(
-                {k: v.contiguous() for k, v in best_state.items()}, str(p),
-                metadata={"config": json.dumps(asdict(self.cfg))}))
-        write_atomic(paths["json"], lambda p: p.write_text(json.dumps(summary, indent=1)))
+            write_atomic(paths["adapter"], save({k: v.contiguous() for k, v in best_state.items()},
+                                                metadata={"config": json.dumps(asdict(self.cfg))}))
+        write_atomic(paths["json"], json.dumps(summary, indent=1))
 
     def checkpoint(self):
         """Everything the run needs to continue: trainable tensors (with A₀, B₀, w), AdamW and
@@ -723,27 +898,31 @@ class Run:
             model=adapter_state_dict(self.model), best_state=self.best_state,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         state["sha256"] = digest(state).hexdigest()  # checked on --resume
-        write_atomic(self.paths["checkpoint"], lambda p: torch.save(state, p))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(self.paths["checkpoint"], buffer.getvalue())
         self.checkpointed = self.progress.step
 
     def load_checkpoint(self):
         """The checkpoint, checked for damage (its SHA-256) and against this run's settings that
-        change the numbers (TrainConfig.results()); no arbitrary objects unpickled. A damaged
-        one is left as it is."""
+        change the numbers (TrainConfig.results(); the model and the data by their files'
+        tags, which name the run); no arbitrary objects unpickled. A damaged one is left as
+        it is."""
         path = self.paths["checkpoint"]
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             stored = state.pop("sha256", None)  # None: written before checkpoints had one
-            why = None if stored in (None, digest(state).hexdigest()) else \
+            damage = None if stored in (None, digest(state).hexdigest()) else \
                 "its contents do not match the SHA-256 stored in it"
             theirs = dict(state["settings"])
         except Exception as e:  # whatever a truncated or overwritten file makes torch.load raise
-            why = f"torch.load cannot read it ({type(e).__name__})"
-        if why:
-            raise UsageError(f"{path} is damaged: {why}; it is left as it is (restore it, or "
+            damage = f"torch.load cannot read it ({type(e).__name__})"
+        if damage:
+            raise UsageError(f"{path} is damaged: {damage}; it is left as it is (restore it, or "
                              f"start over with --overwrite)")
         differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {theirs.get(k)})"
-                  for k, v in self.cfg.results().items() if not same_setting(v, theirs.get(k))]
+                  for k, v in self.cfg.results().items()
+                  if k not in ("model", "data") and v != theirs.get(k)]
         if state["world"] != self.dist.world:
             differ.append(f"{self.dist.world} process(es) (checkpoint: {state['world']})")
         if differ:
@@ -765,10 +944,54 @@ class Run:
         set_rng_state(state["rng"][self.dist.rank], self.data_rng)
         self.summary = json.loads(state["summary"])
         self.summary.update(status="running", resumed=self.summary.get("resumed", 0) + 1)
+        self.summary.pop("error", None)
         self.best_state, self.checkpointed = state["best_state"], self.progress.step
         self.t_start -= self.summary.get("wall_time_s", 0)
         p = self.progress
         self.say(f"resumed at epoch {p.epoch}, batch {p.done} (step {p.step})")
+
+
+class QuietOnFailure:
+    """The progress bar's stream: a write that fails (the terminal gone after SIGHUP) stops the
+    run at the next step, with a checkpoint, instead of raising in the middle of one."""
+
+    def __init__(self, stream, stop):
+        self.stream, self.stop, self.failed = stream, stop, False
+
+    def write(self, text):
+        return self._do(self.stream.write, text)
+
+    def flush(self):
+        return self._do(self.stream.flush)
+
+    def _do(self, op, *args):
+        if self.failed:
+            return 0
+        try:
+            return op(*args)
+        except OSError:
+            self.failed = True
+            self.stop.request(STOP_SIGNALS[-1])
+            return 0
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def out_of_memory(error):
+    """Whether an exception is the allocator's: CUDA's OutOfMemoryError, the CPU's."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in (
+            "out of memory", "can't allocate memory", "Cannot allocate memory")))
+
+
+def peer_failure(error):
+    """Whether an exception says another process of a torchrun launch is gone: a collective
+    that failed (gloo: the connection closed; NCCL: a timeout or an error of the group)."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(error, dist_error) or (isinstance(error, RuntimeError) and any(
+        s in str(error) for s in ("Connection closed by peer", "Connection reset by peer",
+                                  "NCCL", "gloo", "Broken pipe")))
 
 
 def epoch_line(record, summary, epochs):
@@ -854,26 +1077,36 @@ class Parser(argparse.ArgumentParser):
 
 @contextmanager
 def command_line(prog):
-    """Around a script's main(): bad input, a divergence or a stop end the process with one
-    line (from rank 0 under torchrun) and an exit code, never a traceback; the process group
-    is closed on the way out."""
+    """Around a script's main(): bad input, a fault of the machine, a divergence or a stop end
+    the process with one line and an exit code, never a traceback; under torchrun from rank 0
+    alone, but for what only some processes see (a peer gone, a stop while loading), which
+    every process says. The process group is closed on the way out."""
     from huggingface_hub.utils import logging
     logging.set_verbosity_error()  # offline, its retry messages would bury our one-line error
-    rank0 = Dist.from_env().main
+    dist = Dist.from_env()
+    rank = f"rank {dist.rank}: " if dist.world > 1 and not dist.main else ""
+
+    def end(message, code=1, everywhere=False):  # SystemExit prints a text, if stderr is there
+        if not (dist.main or everywhere):
+            raise SystemExit(code)
+        if code == 1:
+            raise SystemExit(f"{prog}: {rank}{message}")
+        with suppress(OSError, ValueError):
+            print(f"{prog}: {rank}{message}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
     try:
         yield
-    except (UsageError, Diverged) as e:
-        raise SystemExit(f"{prog}: error: {e}" if rank0 else 1)
+    except (UsageError, Diverged, RunError) as e:
+        end(f"error: {e}", everywhere=getattr(e, "all_ranks", False))
     except Interrupted as e:
-        if rank0:
-            print(f"{prog}: {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum)
+        end(str(e), 128 + e.signum, everywhere=e.loading)
     except StoppedAtOnce as e:  # a second Ctrl-C during training
-        raise SystemExit(f"{prog}: {e}" if rank0 else 130)
+        end(str(e))
     except KeyboardInterrupt:  # Ctrl-C before training, or outside train.py
-        raise SystemExit(f"{prog}: stopped at once (Ctrl-C)" if rank0 else 130)
+        end("stopped at once (Ctrl-C)")
     except BrokenPipeError:  # the reader of our output stopped (| head): no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+        with suppress(OSError, ValueError):  # for the exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(128 + 13)  # as a process killed by SIGPIPE
     finally:
         if torch.distributed.is_initialized():

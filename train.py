@@ -17,6 +17,7 @@ predictions with a finished run are predict.py's, tables and figures report.py's
 """
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -128,6 +129,13 @@ class TrainConfig:
                               f"{getattr(self, name):g}")
         if self.method not in ("delora", "lora"):
             raise ValueError(f"--method {self.method!r}: valid: delora, lora")
+        if not 0 <= self.seed < 2**32:  # what numpy's RandomState takes
+            raise ValueError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        for name in ("model", "data", "out_dir", "save_merged"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise ValueError(f"--{name.replace('_', '-')} is an empty path: name a folder")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device {self.device!r}: valid: auto, cpu, cuda, cuda:N, mps")
         for name in ("lam", "alpha", "lr", "lam_lr", "lr_mult", "dropout"):
             if not math.isfinite(getattr(self, name)):
                 raise bad(name, "a finite number")
@@ -171,41 +179,42 @@ class TrainConfig:
 def train(cfg: TrainConfig):
     """One run of the paper's protocol for a task and a seed; returns its summary (also written
     to disk as <run>.json). run.py keeps the run's files, checkpoints and processes."""
-    run = Run(cfg)  # device, processes, and what is already on disk under this run's name
-    if run.ended:   # finished or diverged earlier: --resume has nothing to do
-        return run.summary
-    seed_everything(cfg.seed)
-    spec = get_task(cfg.task)
-    with user_errors():  # a bad path, file or value: one line, before anything is written
-        # 1. data: GLUE train; GLUE validation cut by the seed into new validation and test sets
-        tokenizer = load_tokenizer(cfg.model, cfg.max_length)
-        train_ds, val_ds, test_ds = load_glue(cfg.task, cfg.seed, cfg.data)
-        # 2. model: the pretrained checkpoint, adapters on query and value, a new head
-        model = build_model(cfg, spec.num_labels).to(run.device)
-        check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)
-    if cfg.max_train_samples:
-        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
-    splits = {"train": train_ds, "val": val_ds, "test": test_ds}
-    enc = {k: encode(cfg.task, ds, tokenizer, model.config.pad_token_id)  # tokenized once
-           for k, ds in splits.items()}
-    forward = run.distribute(model)  # what training calls: compiled and/or DDP, as asked
-    n = count_parameters(model)
-    run.say(f"{cfg.task} seed {cfg.seed}: {cfg.method} on {cfg.model} ({run.device} x "
-            f"{run.dist.world}); train/val/test {len(train_ds)}/{len(val_ds)}/{len(test_ds)}; "
-            f"trainable {n['adapter']:,} adapter + {n['trainable'] - n['adapter']:,} head of "
-            f"{n['total']:,}")
+    # the run: device, processes, what is on disk under its name; from here on a signal stops
+    # it cleanly, and however it ends its JSON says how (run.Run)
+    with Run(cfg) as run:
+        if run.ended:  # finished or diverged earlier: --resume has nothing to do
+            return run.summary
+        seed_everything(cfg.seed)  # before the head and the adapters are made, as officially
+        spec = get_task(cfg.task)
+        with user_errors():  # a bad path, file or value: one line, before anything is written
+            # 1. data: GLUE train; GLUE validation cut by the seed into new validation and test
+            tokenizer = load_tokenizer(cfg.model, cfg.max_length)
+            train_ds, val_ds, test_ds = load_glue(cfg.task, cfg.seed, cfg.data)
+            # 2. model: the pretrained checkpoint, adapters on query and value, a new head
+            model = build_model(cfg, spec.num_labels).to(run.device)
+            check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)
+        if cfg.max_train_samples:
+            train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
+        splits = {"train": train_ds, "val": val_ds, "test": test_ds}
+        enc = {k: encode(cfg.task, ds, tokenizer, model.config.pad_token_id)  # tokenized once
+               for k, ds in splits.items()}
+        forward = run.distribute(model)  # what training calls: compiled and/or DDP, as asked
+        n = count_parameters(model)
+        run.say(f"{cfg.task} seed {cfg.seed}: {cfg.method} on {cfg.model} ({run.device} x "
+                f"{run.dist.world}); train/val/test {len(train_ds)}/{len(val_ds)}/"
+                f"{len(test_ds)}; trainable {n['adapter']:,} adapter + "
+                f"{n['trainable'] - n['adapter']:,} head of {n['total']:,}")
 
-    # 3. AdamW with λ in its own group at its own rate; linear warmup and decay over all steps
-    optimizer = torch.optim.AdamW(param_groups(model, cfg))
-    steps = cfg.epochs * math.ceil(len(enc["train"]) / cfg.batch_size)
-    schedule = linear_schedule(steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    data_rng = np.random.RandomState(cfg.seed)  # draws each epoch's order of the examples
-    run.start(model, optimizer, scheduler, data_rng)  # or back to where a checkpoint left it
+        # 3. AdamW with λ in its own group at its own rate; linear warmup and decay over all
+        optimizer = torch.optim.AdamW(param_groups(model, cfg))
+        steps = cfg.epochs * math.ceil(len(enc["train"]) / cfg.batch_size)
+        schedule = linear_schedule(steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        data_rng = np.random.RandomState(cfg.seed)  # draws each epoch's order of the examples
+        run.start(model, optimizer, scheduler, data_rng)  # or where a checkpoint left it
 
-    # 4. every epoch: train, validate, and test only when validation strictly improves
-    lengths, metric = enc["train"].lengths, spec.metrics[0]
-    with run:  # SIGINT/SIGTERM: finish the step, checkpoint, stop
+        # 4. every epoch: train, validate, and test only when validation strictly improves
+        lengths, metric = enc["train"].lengths, spec.metrics[0]
         for epoch in range(run.progress.epoch, cfg.epochs):
             forward.train()
             for idx, weight in run.batches(lambda: batch_order(
@@ -222,9 +231,10 @@ def train(cfg: TrainConfig):
                               **decay_alone(cfg, schedule, run.progress.step))
             # strictly: a tie is no improvement (nor is a NaN metric ever one)
             improved = run.main and record["val"][metric] > run.progress.best
-            if improved:
+            if improved:  # test now; this epoch's test metric is the result, until beaten
                 run.progress.best = record["val"][metric]
                 record["test"] = evaluate(model, enc["test"], cfg)
+                run.summary.update(best_epoch=epoch, val=record["val"], test=record["test"])
             run.end_epoch(record, adapter_state_dict(model) if improved else None)
 
         # 5. if asked, the best epoch's model with its adapters merged, as a HF checkpoint
@@ -232,7 +242,7 @@ def train(cfg: TrainConfig):
         if run.main and cfg.save_merged and run.best_state is not None:
             export_merged(model, run.best_state, cfg)
             run.say(f"merged model written to {cfg.save_merged}")
-    return run.finish()
+        return run.finish()
 
 
 def build_model(cfg, num_labels):
