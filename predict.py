@@ -17,7 +17,7 @@ import torch
 
 from delora import load_adapter_state_dict
 from glue import Encoded, get_task
-from roberta import load_tokenizer
+from roberta import check_max_length, load_tokenizer
 from run import Parser, UsageError, command_line, user_errors
 from train import TrainConfig, build_model, logits_of
 
@@ -41,9 +41,11 @@ def load_finetuned(run_json):
     if not adapter.is_file():
         raise UsageError(f"no adapter {adapter} beside {run_json}")
     from safetensors.torch import load_file
-    with user_errors():  # the model folder may have gone
+    with user_errors():  # the model folder may have gone, or hold another model
         model = build_model(cfg, get_task(cfg.task).num_labels)
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)
+        check_max_length(cfg.max_length, tokenizer, model.config,
+                         len(get_task(cfg.task).text_keys) == 2)
     try:
         state = load_file(str(adapter))
     except Exception as e:  # safetensors' own error for a truncated or empty file
@@ -62,8 +64,8 @@ def predict_texts(model, tokenizer, task, texts, texts_b=None):
     if pair != (texts_b is not None):
         raise ValueError(f"{task} scores a sentence pair: give TEXT and TEXT_B" if pair else
                          f"{task} scores single sentences: give TEXT alone")
-    pairs = texts if texts_b is None else list(zip(texts, texts_b))
-    enc = tokenizer.encode_batch(pairs)
+    texts = [cut(tokenizer, t, u) for t, u in zip(texts, texts_b or [None] * len(texts))]
+    enc = tokenizer.encode_batch([t if texts_b is None else tuple(t) for t in texts])
     batch = Encoded([e.ids for e in enc], [e.type_ids for e in enc], np.zeros(len(enc)),
                     model.config.pad_token_id).batch(np.arange(len(enc)))
     with torch.inference_mode():
@@ -71,6 +73,41 @@ def predict_texts(model, tokenizer, task, texts, texts_b=None):
     if get_task(task).num_labels == 1:
         return logits.squeeze(-1).tolist(), None
     return logits.argmax(-1).tolist(), logits.softmax(-1).tolist()
+
+
+def cut(tokenizer, text, text_b=None, slack=64):
+    """A text (or pair) cut short before it is encoded, so that encoding it costs memory linear
+    in its length -- encoding a long pair whole, `tokenizers` builds every combination of the
+    two texts' overflowing windows, quadratic -- and gives the same tokens as the whole one.
+
+    Each text longer than the truncation's budget T (max length minus the special tokens) is
+    cut at the end of a word (the tokens before it are unchanged) just past T + 1 tokens; of a
+    pair, the one longest-first truncation treats as the longer stays the longer, which is all
+    that truncation reads of lengths above T. A word of more than `slack` tokens at the cut is
+    cut inside it (exact unless its BPE merges near the cut differ). Returns text, or a pair."""
+    max_length = tokenizer.truncation["max_length"]
+    budget = max_length - tokenizer.num_special_tokens_to_add(text_b is not None)
+    texts = [text] if text_b is None else [text, text_b]
+    truncation = tokenizer.truncation
+    tokenizer.no_truncation()
+    try:
+        alone = tokenizer.encode_batch(texts, add_special_tokens=False)
+    finally:
+        tokenizer.enable_truncation(**truncation)
+    n = [len(e.ids) for e in alone]
+    order = [0] if len(n) == 1 else ([0, 1] if n[0] <= n[1] else [1, 0])  # shorter/first first
+    kept = list(texts)
+    at_least = budget + 1
+    for i in order:
+        if n[i] > at_least:
+            j = next((j for j in range(at_least, min(n[i], at_least + slack))
+                      if alone[i].word_ids[j] != alone[i].word_ids[j - 1]),
+                     min(n[i], at_least + slack))
+            if j < n[i]:
+                kept[i] = texts[i][:alone[i].offsets[j - 1][1]]
+            n[i] = j
+        at_least = max(budget + 1, n[i] + 1)  # the longer (or the second of a tie) stays longer
+    return kept[0] if text_b is None else tuple(kept)
 
 
 def main(argv=None):

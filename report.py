@@ -11,9 +11,12 @@ NaN and reports exactly that, marked †. Running or interrupted runs are listed
 """
 import argparse
 import csv
+import io
 import json
 import os
 import sys
+import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +27,15 @@ PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x1
     "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
     "LoRA (paper)": (86.6, 93.9, 88.7, 59.7, 92.6, 90.4, 75.3, 90.3),
 }
-RUN_KEYS = {"task", "seed", "status", "settings", "overrides", "metric", "epochs", "test"}
-ENDED = ("finished", "diverged")  # what counts; "running" and "interrupted" do not
+RUN_KEYS = {"task", "seed", "status", "settings", "metric"}  # what a summary must have
+ENDED = ("finished", "diverged")  # what counts; "running", "interrupted", "failed" do not
 
 
 def load_runs(out_dir):
     """Every run summary under out_dir. Files that are not valid JSON, or JSON that is not a
-    run summary, are skipped with a warning naming them."""
+    run summary, are skipped with a warning naming them; a summary from an older train.py, or
+    edited by hand, is read where it can be (no overrides: {}, no --lr-mult: 1, no epochs: [])
+    and otherwise skipped with a warning naming the file and the key."""
     runs = []
     for path in sorted(Path(out_dir).rglob("*.json")):
         try:
@@ -43,13 +48,31 @@ def load_runs(out_dir):
             continue
         settings = s["settings"]
         if not (isinstance(settings, dict) and settings.get("task") in TASKS
-                and settings.get("method") in ("delora", "lora")
-                and isinstance(s["overrides"], dict)):
+                and settings.get("method") in ("delora", "lora")):
             warn(f"skipped {path}: its settings are not train.py's (task "
                  f"{settings.get('task') if isinstance(settings, dict) else None!r})")
             continue
-        runs.append(dict(s, path=str(path)))
+        run = dict(s, path=str(path), settings=dict(settings, lr_mult=settings.get("lr_mult", 1.0)))
+        run.update(overrides=s.get("overrides") or {}, epochs=s.get("epochs") or [],
+                   test=s.get("test"))
+        problem = unusable(run)
+        if problem:
+            warn(f"skipped {path}: {problem}")
+            continue
+        runs.append(run)
     return runs
+
+
+def unusable(run):
+    """What in a run summary the report cannot use, in words; None if nothing."""
+    metric = run["metric"]
+    if run["test"] is not None and not (isinstance(run["test"], dict) and metric in run["test"]):
+        return f"its 'test' has no {metric!r} (the run's metric)"
+    for e in run["epochs"]:
+        if not (isinstance(e, dict) and "epoch" in e and isinstance(e.get("val"), dict)
+                and metric in e["val"]):
+            return f"an entry of its 'epochs' has no 'epoch' or no 'val' with {metric!r}"
+    return None
 
 
 def model_tag(run):
@@ -89,11 +112,12 @@ def row_name(run, ignore=()):
 
 def cell(runs):
     """Runs of one cell -> '78.6 ± 2.1 (2)': mean ± sample std over seeds of the result, x100,
-    with the count; '(3, 1†)' when one of the three diverged."""
+    with the count; '(3, 1†)' when one of the three diverged; one seed: '77.1 (1)' (one value
+    has no standard deviation)."""
     v = 100 * np.array([result(r) for r in runs], dtype=float)
-    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    spread = f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""
     diverged = sum(r["status"] == "diverged" for r in runs)
-    return f"{v.mean():.1f} ± {std:.1f} ({len(v)}" + (f", {diverged}†)" if diverged else ")")
+    return f"{v.mean():.1f}{spread} ({len(v)}" + (f", {diverged}†)" if diverged else ")")
 
 
 def report(runs):
@@ -102,7 +126,7 @@ def report(runs):
     'no_result': [...]}. A second table shows test metric vs learning-rate multiplier, where
     runs vary --lr-mult."""
     counted = [r for r in runs if r["status"] in ENDED and result(r) is not None]
-    no_result = [r for r in runs if r["status"] == "diverged" and result(r) is None]
+    no_result = [r for r in runs if r["status"] in ENDED and result(r) is None]
     unfinished = [r for r in runs if r["status"] not in ENDED]
     cells = {}  # (row, task) -> runs
     for r in counted:
@@ -123,7 +147,7 @@ def report(runs):
             if c:
                 v = [result(r) for r in c]
                 rows.append(dict(name=name, task=task, values=v, mean=float(np.mean(v)),
-                                 std=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                                 std=float(np.std(v, ddof=1)) if len(v) > 1 else None,
                                  n=len(v), diverged=sum(r["status"] == "diverged" for r in c)))
     text = "\n".join(lines) + "\n"
     text += "\ntest metric at the best validation epoch, x100: mean ± std (seeds)\n"
@@ -133,8 +157,10 @@ def report(runs):
     if len({r["settings"]["lr_mult"] for r in counted}) > 1:
         text += "\n" + robustness_table(counted) + "\n"
     if no_result:
-        text += "\ndiverged before their first validation, so no result:\n" + "".join(
-            f"- {r['path']}: {r.get('error', 'diverged')}\n" for r in no_result)
+        text += ("\nended without a result (diverged before their first validation, or a "
+                 "validation metric that was never a number), not averaged in:\n") + "".join(
+            f"- {r['path']}: {r['status']}: {r.get('error', 'no validated epoch')}\n"
+            for r in no_result)
     if unfinished:
         text += "\nnot finished (not averaged in):\n" + "".join(
             f"- {r['path']}: {r['status']}, {len(r['epochs'])} epoch(s)\n" for r in unfinished)
@@ -179,9 +205,10 @@ def plots(runs, directory):
         if fig is None:
             print(f"skipped {name}.png: {why}")
             continue
-        path = directory / f"{name}.png"
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        path, png = directory / f"{name}.png", io.BytesIO()
+        fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
         plt.close(fig)
+        write_atomic(path, png.getvalue())
         written.append(path)
         print(f"wrote {path}")
     return written
@@ -329,7 +356,16 @@ def fig_validation(plt, ended):
     return fig, None
 
 
+def _depth(layer):
+    """layers.3.attention.query -> 3 (the encoder layer an adapter sits in)."""
+    parts = layer.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
 def fig_lambda(plt, ended):
+    """DeLoRA's λ per adapted layer over the epochs (mean over seeds), colored by the layer's
+    depth, beside what AdamW's weight decay alone makes of λ (the runs' lam_decay_only): the
+    part of λ's fall that is not learned."""
     runs = [r for r in ended if r["settings"]["method"] == "delora"
             and any("adapters" in e for e in r["epochs"])]
     if not runs:
@@ -338,21 +374,35 @@ def fig_lambda(plt, ended):
     panels = _group(runs, lambda r: (r["task"], labels[id(r)], _mult(r)))
     fig, axes = _figure(plt, title, len(panels), w=3.4, h=2.6)
     cmap = plt.get_cmap("viridis")
+    deepest = max(_depth(k) for r in runs for e in r["epochs"] for k in e.get("adapters", {}))
     for ax, ((task, label, m), rs) in zip(axes, sorted(panels.items())):
         layers = list(next(e for e in rs[0]["epochs"] if "adapters" in e)["adapters"])
-        for j, layer in enumerate(layers):  # the mean over seeds, after each epoch
-            per = {0: [r["settings"]["lam"] for r in rs]}
+        start = [r["settings"]["lam"] for r in rs]
+        for layer in layers:  # the mean over seeds, after each epoch
+            per = {0: list(start)}
             for r in rs:
                 for e in r["epochs"]:
                     if layer in e.get("adapters", {}):
                         per.setdefault(e["epoch"] + 1, []).append(e["adapters"][layer]["lam"])
             x = sorted(per)
-            ax.plot(x, [np.mean(per[v]) for v in x], color=cmap(j / max(1, len(layers) - 1)),
+            ax.plot(x, [np.mean(per[v]) for v in x], color=cmap(_depth(layer) / max(1, deepest)),
                     ls="-" if layer.endswith("query") else "--", lw=1)
+        decay = {0: list(start)}
+        for r in rs:
+            for e in r["epochs"]:
+                if "lam_decay_only" in e:
+                    decay.setdefault(e["epoch"] + 1, []).append(e["lam_decay_only"])
+        if len(decay) > 1:
+            x = sorted(decay)
+            ax.plot(x, [np.mean(decay[v]) for v in x], "k:", lw=1.5)
         ax.set(title=f"{task}: {label}, lr x{m:g}", xlabel="epochs done", ylabel="λ")
     axes[0].plot([], [], "k-", label="query")
     axes[0].plot([], [], "k--", label="value")
-    axes[0].legend(fontsize=7, title="color: layer depth", title_fontsize=7)
+    axes[0].plot([], [], "k:", lw=1.5, label="weight decay alone")
+    axes[0].legend(fontsize=6)
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, deepest)))
+    fig.colorbar(mappable, ax=axes[:len(panels)], label="layer (depth)", shrink=0.8,
+                 ticks=range(deepest + 1))
     return fig, None
 
 
@@ -366,7 +416,8 @@ class Parser(argparse.ArgumentParser):
 
 def cannot_write(path, folder=False):
     """Why a file (or, folder=True, a folder made as needed) cannot be written there; None if
-    it can. (run.check_output_folder does this for train.py; this file stays torch-free.)"""
+    it can. Checked by writing (as root, os.access says yes also on a read-only file system).
+    (run.check_writable does this for train.py; this file stays torch-free.)"""
     if folder:
         existing = next(p for p in (path, *path.parents) if p.exists())
     elif path.is_dir():
@@ -377,7 +428,32 @@ def cannot_write(path, folder=False):
         existing = path.parent
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
-    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write in {existing}: {e.strerror or e}"
+    return None
+
+
+def write_atomic(path, data):
+    """bytes or text to a temporary file beside path, renamed over it: an earlier file stays
+    whole if the write fails (a full disk), and the temporary file goes. (run.write_atomic
+    does this for train.py; this file stays torch-free.)"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SystemExit(f"report.py: error: cannot write {path}: {e.strerror or e}; "
+                             f"the earlier file is kept") from None
+        raise
 
 
 def main(argv=None):
@@ -405,13 +481,14 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(128 + 13)  # as a process killed by SIGPIPE
     if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=1))
+        write_atomic(args.json, json.dumps(data, indent=1))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["name", "task", "mean", "std", "n", "diverged"])
-            w.writerows([r["name"], r["task"], r["mean"], r["std"], r["n"], r["diverged"]]
-                        for r in data["rows"])
+        rows = io.StringIO(newline="")
+        w = csv.writer(rows)
+        w.writerow(["name", "task", "mean", "std", "n", "diverged"])
+        w.writerows([r["name"], r["task"], r["mean"], "" if r["std"] is None else r["std"],
+                     r["n"], r["diverged"]] for r in data["rows"])
+        write_atomic(args.csv, rows.getvalue())
     if args.plots:
         data["plots"] = [str(p) for p in plots(runs, args.plots)]
     return data
