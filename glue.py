@@ -6,6 +6,7 @@ classic GLUE TSV files; metrics are numpy/scipy re-implementations of scikit-lea
     train, val, test = load_glue("rte", seed=42)                  # 2490 / 138 / 139 examples
     compute_metrics("cola", preds, labels)  # {'matthews_correlation': ...}
 """
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,15 +311,21 @@ def matthews_correlation(preds, labels):
 
 
 def pearson(preds, labels):
-    """Pearson's r (scipy.stats.pearsonr): [1, 2, 3] vs [2, 4, 7] -> 0.993."""
+    """Pearson's r (scipy.stats.pearsonr): [1, 2, 3] vs [2, 4, 7] -> 0.993; NaN when either side
+    is constant (scipy's warning silenced: a run whose metric is never a number says so)."""
     from scipy.stats import pearsonr
-    return float(pearsonr(np.asarray(preds, np.float64), np.asarray(labels, np.float64))[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(pearsonr(np.asarray(preds, np.float64), np.asarray(labels, np.float64))[0])
 
 
 def spearmanr(preds, labels):
-    """Spearman's rank correlation (scipy.stats.spearmanr): [1, 2, 3] vs [2, 4, 7] -> 1.0."""
+    """Spearman's rank correlation (scipy.stats.spearmanr): [1, 2, 3] vs [2, 4, 7] -> 1.0; NaN
+    when either side is constant, as pearson."""
     from scipy.stats import spearmanr as spearman
-    return float(spearman(np.asarray(preds, np.float64), np.asarray(labels, np.float64))[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearman(np.asarray(preds, np.float64), np.asarray(labels, np.float64))[0])
 
 
 METRICS = {f.__name__: f for f in (accuracy, f1, matthews_correlation, pearson, spearmanr)}

@@ -672,6 +672,7 @@ class Run:
         elif cfg.resume:
             self.say(f"nothing to resume under {self.paths['json'].with_suffix('')}: starting "
                      f"from the beginning")
+        self.saved = json.dumps(self.summary)  # the summary as the last checkpoint holds it
         if self.main:
             self.write_outputs(self.best_state)
         self.started = True
@@ -810,6 +811,7 @@ class Run:
             at_once = isinstance(error, KeyboardInterrupt)
             message = "stopped at once (a second Ctrl-C)" if at_once else self.fault(error)
             note = ""
+            self.summary = json.loads(self.saved)  # what --resume will continue from, no more
             try:
                 self.end("interrupted" if at_once and self.checkpointed is not None else "failed",
                          error=message or f"{type(error).__name__}: {error}")
@@ -847,8 +849,8 @@ class Run:
                     f"{cfg.batch_size}, up to {cfg.max_length} tokens): lower --batch-size or "
                     f"--max-length (a new run), or try --bf16; or free memory, then {then}")
         if self.dist.world > 1 and peer_failure(error):
-            return (f"rank {self.dist.rank}: another process of this torchrun launch is gone "
-                    f"({type(error).__name__}; its own message says why); {then}")
+            return (f"another process of this torchrun launch is gone ({type(error).__name__}; "
+                    f"its own message says why); {then}")
         return None
 
     def interrupted(self):
@@ -887,6 +889,7 @@ class Run:
             rngs = [None] * self.dist.world
             torch.distributed.all_gather_object(rngs, rng_state(self.data_rng))
         if not self.main:
+            self.checkpointed = self.progress.step  # as rank 0 will have written it
             return
         order = self.progress.order  # one flat tensor and the batch sizes: (sum of sizes,), [B]
         state = dict(
@@ -901,7 +904,7 @@ class Run:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_atomic(self.paths["checkpoint"], buffer.getvalue())
-        self.checkpointed = self.progress.step
+        self.checkpointed, self.saved = self.progress.step, state["summary"]
 
     def load_checkpoint(self):
         """The checkpoint, checked for damage (its SHA-256) and against this run's settings that

@@ -1,5 +1,6 @@
 """Tests: small, offline, deterministic, CPU. Tiny checkpoints and tokenizers are built in
 tmp_path and saved in the real Hugging Face formats, then loaded through the public API."""
+import errno
 import json
 import math
 import os
@@ -1318,6 +1319,12 @@ def test_bf16_and_group_by_length_runs_train(ckpt, glue_dir, tmp_path):
                                  "identically zero"),
     (["rte", "1", "--method", "lora", "--alpha", "0"], "--alpha 0: LoRA's update (α/r) B A would "
                                                        "be identically zero"),
+    (["rte", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+    (["rte", str(2**32)], "--seed must be in [0, 2**32 - 1], got 4294967296"),
+    (["rte", "1", "--device", "meta"], "--device 'meta': valid: auto, cpu, cuda, cuda:N, mps"),
+    (["rte", "1", "--save-merged", ""], "--save-merged is an empty path: name a folder"),
+    (["rte", "1", "--out-dir", " "], "--out-dir is an empty path: name a folder"),
+    (["rte", "1", "--model", ""], "--model is an empty path: name a folder"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1545,7 +1552,7 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])   # SIGHUP: the terminal gone
 def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
         ckpt, uninterrupted, tmp_path, sig):
     glue_dir, reference = uninterrupted
@@ -1787,6 +1794,325 @@ def test_stopping_at_once_says_what_is_on_disk(at_step, message, ckpt, glue_dir,
     with pytest.raises(SystemExit, match=message):
         run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
                 "--save-every", 2, "--out-dir", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5b. run.py: faults of the machine end as cleanly as bad input
+
+
+class FullDisk:
+    """Stands in for `open` in run.py (or report.py): writing a file whose name holds `target`,
+    from its `nth` write on and `times` times, stores half of the bytes, then fails as a full
+    disk does (OSError ENOSPC)."""
+
+    def __init__(self, target, nth=1, times=1):
+        self.target, self.nth, self.times, self.seen = target, nth, times, 0
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        f = open(file, mode, *args, **kwargs)
+        if "w" in mode and self.target in Path(file).name:
+            self.seen += 1
+            if self.nth <= self.seen < self.nth + self.times:
+                return HalfWritten(f)
+        return f
+
+
+class HalfWritten:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def leftovers(root):
+    """Temporary files and folders of writes (.NAME.PID.tmp) and locks left under root."""
+    return [p.name for p in Path(root).rglob("*") if p.name.endswith((".tmp", ".old", ".lock"))]
+
+
+@pytest.mark.parametrize("target, nth, times, then", [
+    ("_checkpoint.pt", 1, 1, "--resume starts it from the beginning"),    # the first one
+    ("_checkpoint.pt", 3, 1, "--resume continues from the checkpoint of step 5"),
+    ("_adapter.safetensors", 2, 1, "--resume continues from the checkpoint of step 10"),
+    (".json", 2, 1, "--resume continues from the checkpoint of step 5"),  # epoch 0's end
+    (".json", 2, 99, "--resume continues from the checkpoint of step 5"),  # and it stays full
+])
+def test_a_full_disk_at_any_write_is_one_line_a_final_status_and_resume_ends_exactly(
+        target, nth, times, then, ckpt, uninterrupted, tmp_path, monkeypatch):
+    glue_dir, reference = uninterrupted
+    expected, expected_adapter = reference()
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    monkeypatch.setattr(run, "open", FullDisk(target, nth, times), raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(*argv)
+    message = str(e.value.code)
+    assert message.startswith("train.py: error: cannot write ") and "\n" not in message
+    assert f"{target}: no space left on device; the previous version is kept" in message
+    assert message.endswith(then) != (times > 1)         # a JSON that cannot say so, says so
+    assert not leftovers(tmp_path)                        # no half-written file, the lock gone
+    s = json.loads(next(tmp_path.rglob("*.json")).read_text())   # valid: the previous version
+    assert s["status"] == ("running" if times > 1 else "failed")
+    assert times > 1 or "no space left on device" in s["error"]
+    monkeypatch.undo()                                    # the disk has room again
+    assert run_cli(*argv, "--resume")["status"] == "finished"
+    got, adapter = outcome(tmp_path)
+    assert got == expected and all(torch.equal(adapter[k], expected_adapter[k]) for k in adapter)
+
+
+def test_a_full_disk_during_the_export_keeps_nothing_half_written(ckpt, glue_dir, tmp_path,
+                                                                   monkeypatch):
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path / "logs", "--save-merged", tmp_path / "merged"]
+    write_bytes = Path.write_bytes
+
+    def full(path, data):
+        if path.name == "model.safetensors":
+            write_bytes(path, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(SystemExit, match=r"cannot write .*merged: no space left on device; what "
+                                         r"was there is kept; .*--resume continues from the "
+                                         r"checkpoint of step 5$"):
+        run_cli(*argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glue", "logs"]  # no .merged.*.tmp
+    assert json.loads(next(tmp_path.rglob("*.json")).read_text())["status"] == "failed"
+    monkeypatch.undo()
+    assert run_cli(*argv, "--resume")["status"] == "finished"
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("train_step", r"out of memory at epoch 0, step 4 \(batches of 8, up to 256 tokens\): lower "
+                   r"--batch-size or --max-length \(a new run\), or try --bf16; or free memory, "
+                   r"then --resume continues from the checkpoint of step 3$"),
+    ("evaluate", r"out of memory evaluating epoch 0 \(batches of 128\): lower --eval-batch-size "
+                 r"\(--resume may change it\), then --resume continues from the checkpoint of "
+                 r"step 3$"),
+])
+def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, uninterrupted,
+                                                      tmp_path, monkeypatch):
+    glue_dir, reference = uninterrupted
+    real, calls = getattr(train, where), []
+
+    def allocator_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (4 if where == "train_step" else 1):
+            raise (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                "allocate 1073741824 bytes") if where == "train_step" else
+                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, where, allocator_fails)
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    with pytest.raises(SystemExit, match=message):
+        run_cli(*argv)
+    s = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert s["status"] == "failed" and s["error"].startswith("out of memory")
+    assert not leftovers(tmp_path)
+    monkeypatch.undo()
+    run_cli(*argv, "--resume")
+    assert outcome(tmp_path)[0] == reference()[0]
+
+
+def test_a_bug_keeps_its_traceback_but_the_run_still_ends_failed(ckpt, glue_dir, tmp_path,
+                                                                  monkeypatch):
+    step, calls = train.train_step, []
+
+    def buggy(*args, **kwargs):
+        calls.append(1)
+        return 1 / 0 if len(calls) == 2 else step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", buggy)
+    with pytest.raises(ZeroDivisionError):                 # not hidden: it is worth seeing
+        run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+                "--out-dir", tmp_path)
+    s = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert s["status"] == "failed" and s["error"] == "ZeroDivisionError: division by zero"
+    assert not leftovers(tmp_path)
+
+
+SIGNAL_WHILE_LOADING = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+load = train.load_glue
+def preempted(*args, **kwargs):  # the scheduler's SIGTERM while the data load
+    os.kill(os.getpid(), signal.{sig})
+    return load(*args, **kwargs)
+train.load_glue = preempted
+train.main({argv!r})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stop_while_loading_says_so_and_the_requeue_with_resume_works(sig, ckpt, glue_dir,
+                                                                        tmp_path):
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", tmp_path / "logs"]
+    code = SIGNAL_WHILE_LOADING.format(here=str(HERE), sig=sig, argv=[str(a) for a in argv])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 128 + getattr(signal, sig) and "Traceback" not in p.stderr
+    assert p.stderr.strip() == (f"train.py: stopped by {sig} while loading, before anything was "
+                                f"written: start it again with the same line (with --resume, "
+                                f"or without)")
+    assert not (tmp_path / "logs").exists()
+    assert run_cli(*argv, "--resume")["status"] == "finished"     # the requeue
+
+
+@pytest.mark.slow
+def test_a_reader_gone_stops_the_run_with_a_checkpoint(ckpt, uninterrupted, tmp_path):
+    """`train.py ... | head -1`: the first line is read, then nobody reads: the run stops at
+    the next step as on SIGPIPE, with its checkpoint, status interrupted, exit 141."""
+    glue_dir, reference = uninterrupted
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    line = shlex.join([sys.executable, str(HERE / "train.py"), *map(str, argv)])
+    p = subprocess.run(f"set -o pipefail; {line} | head -n 1", shell=True, capture_output=True,
+                       text=True, timeout=300, executable="/bin/bash",
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 141 and p.stdout.startswith("rte seed 3: delora on ")
+    assert "stopped by SIGPIPE at epoch" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads(next(tmp_path.rglob("*.json")).read_text())["status"] == "interrupted"
+    run_cli(*argv, "--resume")
+    assert outcome(tmp_path)[0] == reference()[0]
+
+
+def make_mount(*args):
+    """mount(8) ARGS, for the tests that need a real small or read-only file system; a skip,
+    saying why, where this machine cannot mount (not root, or in a container without the
+    capability)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root and mount(8) to make a real full or read-only file system")
+    p = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount here: {p.stderr.strip()}")
+
+
+@pytest.fixture
+def mounts():
+    made = []
+    yield lambda *args: made.append(args[-1]) or make_mount(*args)
+    for point in reversed(made):
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts):
+    """The same faults for real: a 64 KiB tmpfs for the logs, then room again; a read-only
+    task folder below a writable --out-dir; an export onto a mount point; onto a link."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=64k", "tmpfs", disk)
+    argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
+            "--out-dir", disk]
+    with pytest.raises(SystemExit, match=r"cannot write .*_checkpoint\.pt: no space left on "
+                                         r"device; the previous version is kept"):
+        run_cli(*argv)
+    assert not leftovers(disk)
+    assert json.loads(next(disk.rglob("*.json")).read_text())["status"] == "failed"
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    assert run_cli(*argv, "--resume")["status"] == "finished"
+
+    logs = tmp_path / "logs"
+    run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+            "--out-dir", logs)
+    task_folder = next(logs.rglob("rte"))
+    mounts("--bind", "-o", "ro", task_folder, task_folder)
+    with pytest.raises(SystemExit, match=rf"--out-dir {logs}: cannot write in {task_folder}: "
+                                         rf"read-only file system"):
+        run_cli("rte", 1, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--out-dir", logs)
+
+    point = tmp_path / "export"
+    point.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=8m", "tmpfs", point)
+    with pytest.raises(SystemExit, match="is a mount point: the export replaces its folder as a "
+                                         "whole"):
+        run_cli("rte", 2, "--model", ckpt, "--data", glue_dir, "--epochs", 1,
+                "--out-dir", tmp_path / "o", "--save-merged", point)
+    assert not (tmp_path / "o").exists()
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    run_cli("rte", 2, "--model", ckpt, "--data", glue_dir, "--epochs", 1,
+            "--out-dir", tmp_path / "o", "--save-merged", link)
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_every_other_rank_with_one_line(ckpt, ddp_data, tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(SIGNAL_AT_STEP.replace("    if calls[0] == {n}:", "    if calls[0] == {n} "
+                                             "and os.environ['RANK'] == '0':").format(
+        here=str(HERE), n=5, sig="SIGKILL", argv=None))
+    p = torchrun(tmp_path, ["rte", 1, "--model", ckpt, "--data", ddp_data, "--epochs", 3,
+                            "--batch-size", 5, "--save-every", 3, "--out-dir", tmp_path],
+                 script=script)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("train.py: ")]
+    assert p.returncode != 0 and ours == [
+        "train.py: rank 1: error: another process of this torchrun launch is gone "
+        "(RuntimeError; its own message says why); --resume continues from the checkpoint of "
+        "step 3"]
+    assert f"{HERE / 'run.py'}\", line" not in p.stderr      # no traceback of ours
+
+
+def test_one_experiment_one_name_models_and_data_told_apart_by_their_files(ckpt, glue_dir,
+                                                                           tmp_path):
+    a, b = tmp_path / "mA" / "final" / "model", tmp_path / "mB" / "final" / "model"
+    shutil.copytree(ckpt, a)
+    make_checkpoint(b, seed=1)                                 # other weights, same names
+    copy = shutil.copytree(a, tmp_path / "elsewhere" / "final" / "model")
+    tags = [run.model_tag(str(m)) for m in (a, b, copy)]
+    assert tags[0] != tags[1] and tags[0] == tags[2] and tags[0].startswith("final_model-")
+    other_data = shutil.copytree(glue_dir, tmp_path / "other")
+    rows = (other_data / "RTE" / "train.tsv").read_text().splitlines(keepends=True)
+    (other_data / "RTE" / "train.tsv").write_text("".join(rows[:-1]))   # one example less
+    argv = ["rte", 0, "--epochs", 1, "--batch-size", 8, "--out-dir", tmp_path / "logs"]
+    for model, data in ((a, glue_dir), (b, glue_dir), (a, other_data)):
+        assert run_cli(*argv, "--model", model, "--data", data)["status"] == "finished"
+    assert len(only_json(tmp_path / "logs")) == 3            # three experiments, three runs
+    with pytest.raises(SystemExit, match=r"exists \(finished\); pass --overwrite"):  # the same
+        run_cli(*argv, "--model", copy, "--data", shutil.copytree(glue_dir, tmp_path / "same"))
+
+
+@pytest.mark.parametrize("task", ["rte", "cola"])
+def test_windows_line_endings_read_as_the_same_examples(task, tmp_path):
+    lf = tmp_path / "lf.tsv"
+    if task == "rte":
+        lf.write_text((write_rte(tmp_path / "g") / "RTE" / "train.tsv").read_text())
+    else:
+        lf.write_text("".join(f"src\t{i % 2}\t\tsentence number {i} .\n" for i in range(6)))
+    crlf, mixed = tmp_path / "crlf.tsv", tmp_path / "mixed.tsv"
+    lines = lf.read_text().splitlines()
+    crlf.write_bytes("".join(f"{x}\r\n" for x in lines).encode())
+    mixed.write_bytes("".join(f"{x}\r\n" if i % 2 else f"{x}\n"
+                              for i, x in enumerate(lines)).encode())
+    expected = glue.read_tsv(task, lf).to_dict()
+    assert glue.read_tsv(task, crlf).to_dict() == expected == glue.read_tsv(task, mixed).to_dict()
+    assert not any("\r" in str(v) for column in expected.values() for v in column)
+
+
+def test_a_run_whose_validation_metric_is_never_a_number_ends_saying_so(ckpt, tmp_path):
+    d = tmp_path / "glue" / "STS-B"
+    d.mkdir(parents=True)
+    (d / "train.tsv").write_text(STSB_HEADER + "".join(stsb_row(i, f"{i % 5}.0")
+                                                       for i in range(16)))
+    (d / "dev.tsv").write_text(STSB_HEADER + "".join(stsb_row(i, "2.0") for i in range(16)))
+    with pytest.raises(SystemExit, match=r"finished, but validation pearson was never a number "
+                                         r"in 2 epoch\(s\) \(NaN: constant predictions\?\): no "
+                                         r"best epoch, no result"):
+        run_cli("stsb", 0, "--model", ckpt, "--data", tmp_path / "glue", "--epochs", 2,
+                "--out-dir", tmp_path / "logs")
+    s = json.loads(next((tmp_path / "logs").rglob("*.json")).read_text())
+    assert s["status"] == "finished" and s["test"] is None and "never a number" in s["error"]
+    text, data = report.report(report.load_runs(tmp_path / "logs"))
+    assert len(data["no_result"]) == 1 and "never a number" in text.split("without a result")[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2199,3 +2525,65 @@ def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
     capsys.readouterr()
     predict.main([str(run_json), "A man eats.", "A man is eating."])
     assert json.loads(capsys.readouterr().out)["prediction"] == pytest.approx(scores[0])
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "bert_ckpt"])
+def test_predict_cuts_long_texts_to_the_same_tokens_in_linear_memory(kind, request):
+    """Encoding a long pair whole builds every combination of the two texts' overflowing
+    windows (memory quadratic in the length: a pair of 60k characters took 3.8 GB); predict.cut
+    cuts each text before it is encoded and gives the same tokens as the whole text."""
+    import random
+    ckpt = request.getfixturevalue(kind)
+    words, rng = " ".join(SENTENCES).split(), random.Random(0)
+    for max_length in (9, 12, 13):
+        tok = roberta.load_tokenizer(ckpt, max_length)
+        for _ in range(150):
+            a, b = (" ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+                    for _ in range(2))
+            assert tok.encode(*predict.cut(tok, a, b)).ids == tok.encode(a, b).ids
+            assert tok.encode(predict.cut(tok, a)).ids == tok.encode(a).ids
+    long_a, long_b = ("the movie was good " * 5000, "a man is eating " * 6000)   # 95k chars
+    cut_a, cut_b = predict.cut(tok, long_a, long_b)
+    assert len(cut_a) + len(cut_b) < 1000 and long_a.startswith(cut_a)
+
+
+def test_predict_refuses_a_run_whose_max_length_the_model_cannot_hold(finished_run, tmp_path):
+    src = finished_run[0]
+    run_json = tmp_path / src.name
+    summary = json.loads(src.read_text())
+    summary["settings"]["max_length"] = 300                  # the model has 256 positions
+    run_json.write_text(json.dumps(summary))
+    shutil.copy(src.with_name(src.stem + "_adapter.safetensors"),
+                run_json.with_name(run_json.stem + "_adapter.safetensors"))
+    with pytest.raises(SystemExit, match="--max-length 300 is more than the model's 256 "
+                                         "positions"):
+        predict.main([str(run_json), "A man eats.", "A man is eating."])
+
+
+def test_report_reads_older_and_edited_summaries_or_names_the_key(tmp_path, capsys):
+    older = fake_run(tmp_path, "rte", 42, 0.7)
+    s = json.loads(older.read_text())
+    del s["settings"]["lr_mult"], s["overrides"], s["model_tag"]       # before they existed
+    older.write_text(json.dumps(s))
+    edited = fake_run(tmp_path, "rte", 43, 0.6)
+    s = json.loads(edited.read_text())
+    s["test"] = {"f1": 0.5}                                            # not the run's metric
+    edited.write_text(json.dumps(s))
+    fake_run(tmp_path, "stsb", 42, None, status="finished")            # finished, no result
+    text, data = report.report(report.load_runs(tmp_path))
+    err = capsys.readouterr().err
+    assert "| 70.0 (1) |" in text and err.count("warning") == 1
+    assert f"skipped {edited}: its 'test' has no 'accuracy' (the run's metric)" in err
+    assert len(data["no_result"]) == 1 and "stsb" in data["no_result"][0]
+
+
+def test_report_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    fake_run(tmp_path / "runs", "rte", 42, 0.7)
+    earlier = tmp_path / "rows.json"
+    earlier.write_text('{"rows": "an earlier, valid report"}')
+    monkeypatch.setattr(report, "open", FullDisk("rows.json"), raising=False)
+    with pytest.raises(SystemExit, match=rf"report\.py: error: cannot write {earlier}: No space "
+                                         rf"left on device; the earlier file is kept"):
+        report.main([str(tmp_path / "runs"), "--json", str(earlier)])
+    assert earlier.read_text() == '{"rows": "an earlier, valid report"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json", "runs"]
