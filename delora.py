@@ -82,24 +82,37 @@ class DeLoRALinear(AdapterLinear):
     | A₀, B₀   | A0, B0 (buffers)   | as A, B    | no      |
     | w        | w (buffer)         | (in,)      | no      |
 
-    Why each piece:
-    - Normalizing each rank-one term b_i a_iᵀ to unit Frobenius norm (Ξ) bounds ‖B Ξ A‖_F ≤ r,
-      whatever the learning rate does to A and B: the *angle* is learned by A, B, the
-      *strength* by λ alone (Eq. 6).
-    - Dividing by r makes the bound λ, independent of the rank (Eq. 7).
-    - Scaling by the pretrained column norms w makes the update relative to the weights it
-      changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen term,
-      ‖ΔW‖_F ≤ 2|λ|·max_j w_j.
-    - Subtracting a frozen copy of the initial update starts training exactly at the
-      pretrained model while A and B are both random (kaiming-uniform), Eq. 9: zero-initializing
-      B as LoRA does would put ‖b_i‖ = 0 in Ξ's denominator, and the paper found starts from a
-      small ε unstable.
+    What the pieces do, exactly (walkthrough.py shows each on a real layer):
+    - ΔW = λ · D, with D = (1/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w. Ξ divides each rank-one term b_i a_iᵀ
+      by its own norm, so D depends only on the *directions* of the a_i, b_i (and of their
+      initial copies): rescaling a row of A or a column of B by a positive factor changes
+      nothing (while their norms stay above the clamp, 1e-4). That is the decoupling of the
+      title: A and B set the angles, λ scales. λ does not set the size on its own: ‖D‖_F is 0
+      at the start, becomes non-zero only as the directions turn away from where they began,
+      and is at most 2·max_j w_j; λ scales D and so caps ‖ΔW‖_F at 2|λ|·max_j w_j, and how
+      much of the cap is used is decided by how far the angles have turned.
+    - Each normalized term has unit Frobenius norm, so ‖B Ξ A‖_F ≤ r, whatever the learning
+      rate does to A and B (Eq. 6); dividing by r makes the *bound* |λ| for every rank (Eq. 7).
+      The value itself is not rank-independent: for directions that are not aligned it is
+      about |λ|/√r (the terms are nearly orthogonal); only aligned terms reach |λ|.
+    - Scaling column j by the pretrained column norm w_j makes the update relative to the
+      weights it changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen
+      term, ‖ΔW‖_F ≤ 2|λ|·max_j w_j -- a loose ball: real updates stay far inside it.
+    - Subtracting the frozen copy of the initial update makes ΔW exactly 0 at the start while A
+      and B are both random (kaiming-uniform), Eq. 9: zero-initializing B as LoRA does would
+      put ‖b_i‖ = 0 in Ξ's denominator, and the paper found starts from a small ε unstable.
+      Because the frozen term is scaled by the same λ, D = 0 at init and so dL/dλ = 0 exactly:
+      λ starts learning only once A and B have moved.
+    - λ is trained at its own learning rate and, as in the official code, weight-decayed (AdamW
+      0.01), which alone pulls it toward 0 (train.param_groups, train.decay_alone).
 
     Following the official code rather than the paper's text: the frozen term is scaled by the
-    *current* λ (Eq. 9 writes the initial one), w is the per-column norm vector, and dropout is
-    applied to the adapter's input only. Unlike the official code, A₀, B₀ are real copies (it
-    aliases them to A, B, so on CPU ΔW stays 0), w is computed once here (so merge and unmerge
-    are exact inverses) and the forward pass never builds the (out, in) matrix (see `factors`).
+    *current* λ (Eq. 9 writes the initial λ₀: then dL/dλ ≠ 0 at init, doubling λ does not
+    double ΔW, and the bound is (|λ| + |λ₀|)·max w), w is the per-column norm vector, and
+    dropout is applied to the adapter's input only. Unlike the official code, A₀, B₀ are real
+    copies (it aliases them to A, B, so on CPU ΔW stays 0), w is computed once here (so merge
+    and unmerge are exact inverses) and the forward pass never builds the (out, in) matrix
+    (see `factors`). All departures from the official code: docs/departures.md.
     """
 
     def __init__(self, base: nn.Linear, r: int, lam: float, dropout: float = 0.0):

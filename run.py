@@ -1,22 +1,27 @@
 """The long-run mechanics of a training run: what lets train.py's protocol survive a kill, a
-Ctrl-C or a preemption, and spread over several processes. Nothing of the protocol is decided
-here, and this file never imports train.py: the protocol calls in, at a handful of points.
+Ctrl-C, a preemption or a fault of the machine, and spread over several processes. Nothing of
+the protocol is decided here, and this file never imports train.py: the protocol calls in, at
+a handful of points.
 
-    run = Run(cfg)                        # device, processes, the rules for an existing run
-    forward = run.distribute(model)       # compiled and/or DDP, as asked
-    run.start(model, optimizer, scheduler, data_rng)      # fresh, or restored on --resume
-    with run:                             # SIGINT/SIGTERM: finish the step, checkpoint, stop
+    with Run(cfg) as run:                 # device, processes, the rules for an existing run;
+                                          # a signal while loading: stop at once, saying so
+        forward = run.distribute(model)   # compiled and/or DDP, as asked
+        run.start(model, optimizer, scheduler, data_rng)  # fresh, or restored on --resume;
+                                          # from here a signal: finish the step, checkpoint, stop
         for idx, weight in run.batches(draw_order):       # this process's shard of each batch
             ...; run.step_done(loss)      # losses checked, mid-epoch checkpoints, stops
         run.end_epoch(record, best_state)                 # checkpoint, logs, the epoch line
-    run.finish()
+        run.finish()
+                                          # leaving the block: a final status, the lock released
 
-What a run leaves beside its logs, and how: run names and paths; files written to a temporary
-name and renamed (a kill at any moment leaves the previous valid version); the checkpoint
-(trainable tensors, AdamW and schedule, progress, best adapter, every random stream), loaded
-without unpickling objects; SIGINT/SIGTERM; torchrun's process group, the sharding of a global
-batch and the loss all-reduce. nanoGPT's train.py does the same in a few lines for one process
-and no RNG state; we add what an exact resume needs.
+What a run leaves beside its logs, and how: run names and paths (the model's and the data's
+files by their contents); files serialized, written to a temporary name and renamed (a kill at
+any moment leaves the previous valid version; a failed write, one line and no temporary file);
+the checkpoint (trainable tensors, AdamW and schedule, progress, best adapter, every random
+stream), loaded without unpickling objects; SIGINT, SIGTERM, SIGHUP; faults as one line and a
+final status; torchrun's process group, the sharding of a global batch and the loss
+all-reduce. nanoGPT's train.py does the same in a few lines for one process and no RNG state;
+we add what an exact resume needs.
 """
 import argparse
 import functools
@@ -64,9 +69,11 @@ class Diverged(Exception):
     """The loss became NaN or inf."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT, SIGTERM or SIGHUP: the checkpoint is written, and the message says how to resume;
-    or (loading=True) nothing was written yet, and every torchrun process says so."""
+    or (loading=True) nothing was written yet, and every torchrun process says so. A
+    BaseException, like KeyboardInterrupt: raised while loading, inside library code, no
+    `except Exception` there may take it for an error of its own."""
 
     def __init__(self, message, signum, loading=False):
         super().__init__(message)
@@ -804,19 +811,23 @@ class Run:
         try:
             if error is None or not self.started or self.closed:
                 return False  # nothing of this run's to end: before its files, or already ended
-            if isinstance(error, (Diverged, Interrupted)):
-                self.end("diverged" if isinstance(error, Diverged) else "interrupted",
-                         **({"error": str(error)} if isinstance(error, Diverged) else {}))
-                return False
             at_once = isinstance(error, KeyboardInterrupt)
-            message = "stopped at once (a second Ctrl-C)" if at_once else self.fault(error)
-            note = ""
-            self.summary = json.loads(self.saved)  # what --resume will continue from, no more
+            if isinstance(error, (Diverged, Interrupted)):
+                status, message = ("diverged", str(error)) if isinstance(error, Diverged) else \
+                    ("interrupted", None)
+            else:  # a fault of the machine (one line), a second Ctrl-C, or a bug (a traceback)
+                status = "interrupted" if at_once and self.checkpointed is not None else "failed"
+                message = "stopped at once (a second Ctrl-C)" if at_once else self.fault(error)
+                self.summary = json.loads(self.saved)  # what --resume continues from, no more
             try:
-                self.end("interrupted" if at_once and self.checkpointed is not None else "failed",
-                         error=message or f"{type(error).__name__}: {error}")
-            except RunError as e:
+                self.end(status, **({"error": message or f"{type(error).__name__}: {error}"}
+                                    if status != "interrupted" or at_once else {}))
+                note = ""
+            except Exception as e:  # the disk is still full: the line says so
                 note = f" (and the run's JSON could not say so: {e})"
+            if isinstance(error, (Diverged, Interrupted)):
+                error.args = (f"{error}{note}",)
+                return False
             if at_once:
                 raise StoppedAtOnce(
                     f"stopped at once, before the run's first checkpoint: start it again (with "

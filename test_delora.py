@@ -228,6 +228,21 @@ def test_dropout_applies_to_the_adapter_input_only(cls):
     torch.testing.assert_close(layer.eval()(x), layer.base(x) + x @ layer.delta_weight().T)
 
 
+def test_lambda_has_no_gradient_at_init_and_one_once_a_and_b_have_moved():
+    """ΔW = λ · D(angles) with D = 0 at init, so dL/dλ (which is D's contribution to the loss's
+    gradient) is exactly 0: λ starts to learn only once A and B have moved -- and never, were it
+    cut from the graph."""
+    layer, x = make_layer(), torch.randn(8, 5)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    layer(x).pow(2).sum().backward()
+    assert layer.lam.grad is not None and layer.lam.grad.item() == 0.0
+    assert layer.A.grad.abs().sum() > 0 and layer.B.grad.abs().sum() > 0
+    opt.step()
+    opt.zero_grad()
+    layer(x).pow(2).sum().backward()                      # A and B have moved: λ learns
+    assert layer.lam.grad is not None and layer.lam.grad.item() != 0.0
+
+
 def test_one_step_trains_and_frozen_copies_stay():
     layer = make_layer()
     A0, B0, W = layer.A0.clone(), layer.B0.clone(), layer.base.weight.clone()
@@ -318,7 +333,8 @@ def test_add_adapters_wraps_query_value_and_freezes_the_rest(ckpt):
     tok = roberta.load_tokenizer(ckpt)
     ids, mask, types = batch(tok, SENTENCES[:4], 1)
     model(ids, mask, types).sum().backward()
-    assert all(model.get_submodule(m).lam.grad is not None for m in wrapped)
+    assert all(model.get_submodule(m).lam.grad == 0.0 for m in wrapped)   # ΔW = λ · 0 at init
+    assert all(model.get_submodule(m).B.grad.abs().sum() > 0 for m in wrapped)
     with pytest.raises(ValueError, match="no nn.Linear named"):
         add_adapters(roberta.from_pretrained(ckpt, num_labels=2), targets=("nothing",))
     with pytest.raises(ValueError, match="unknown method 'dora'"):
@@ -395,9 +411,11 @@ def test_walkthrough_prints_and_asserts_every_claim(tmp_path):
     p = subprocess.run([sys.executable, str(HERE / "walkthrough.py")], capture_output=True,
                        text=True, cwd=tmp_path, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    headers = [line for line in p.stdout.splitlines() if re.match(r"\d\. ", line)]
-    assert [h[:2] for h in headers] == [f"{i}." for i in range(1, 9)]
+    headers = [line for line in p.stdout.splitlines() if re.match(r"\d+\. ", line)]
+    assert [h.split(".")[0] for h in headers] == [str(i) for i in range(1, 11)]
+    assert "c: PEFT, B = 0" in p.stdout and "    128 | 0.35" in p.stdout
     assert p.stdout.rstrip().endswith("all claims hold.")
+    assert MINILM is None or p.stdout.startswith("layer: all-MiniLM-L6-v2, layers.0.attention")
     assert (tmp_path / "b.png").is_file() or "no matplotlib" in p.stdout
 
 
