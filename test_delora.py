@@ -1969,7 +1969,7 @@ train.main({argv!r})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", ["SIGTERM"])   # SIGHUP takes the same path (StopRequest)
 def test_a_stop_while_loading_says_so_and_the_requeue_with_resume_works(sig, ckpt, glue_dir,
                                                                         tmp_path):
     argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
@@ -2017,8 +2017,8 @@ def make_mount(*args):
 def mounts():
     made = []
     yield lambda *args: made.append(args[-1]) or make_mount(*args)
-    for point in reversed(made):
-        subprocess.run(["umount", str(point)], capture_output=True)
+    for point in reversed(made):  # lazily: a file still open there cannot keep it mounted
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 @pytest.mark.slow

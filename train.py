@@ -102,8 +102,9 @@ class TrainConfig:
                                             "checkpoint into this folder", results=False,
                                       metavar="DIR")
     overwrite: bool = setting(False, "replace an existing run", results=False)
-    resume: bool = setting(False, "continue this (interrupted) run from its checkpoint; ends "
-                                  "exactly where an uninterrupted run would", results=False)
+    resume: bool = setting(False, "continue this run from its checkpoint, ending exactly where "
+                                  "an uninterrupted run would; nothing to resume: start it",
+                           results=False)
     save_every: int = setting(1000, "steps between mid-epoch resume checkpoints (there is one "
                                     "at every epoch's end too); 0: epoch ends only",
                               results=False, metavar="STEPS")

@@ -1,6 +1,8 @@
 """The paper's claims about the update ΔW, shown on one frozen layer and checked: each section
 prints its numbers and asserts its claim, so this file fails loudly if delora.py stops doing
-what the paper says. Read it beside delora.py and the paper (equation numbers of v2).
+what the paper says. Read it beside delora.py and the paper (equation numbers of v2). Sections
+1-8 follow the paper; 9 sets the paper's Eq. 9, the official code's form (ours) and PEFT's side
+by side; 10 shows what is rank-independent (the bound) and how loose the bound is.
 
     python walkthrough.py        # offline, on a CPU, in seconds
 
