@@ -289,7 +289,7 @@ assert close(merged, fast, 1e-5) and close(layer.base.weight, W, 1e-6)
 
 # %% 7. DoRA, for contrast (the closest relative)
 # DoRA normalizes the columns of the whole new weight W + B A and learns their norms m;
-# DeLoRA normalizes the rank-one terms of the update B A and learns one strength λ. So DeLoRA
+# DeLoRA normalizes the rank-one terms of the update B A and learns one scale λ. So DeLoRA
 # bounds the distance from W (‖ΔW‖_F ≤ 2|λ| max w); DoRA bounds the new weight's column norms
 # (by m), and its distance from W only by ‖m‖_F + ‖W‖_F. Section 4's table shows both.
 print("7. DoRA, for contrast: what each one normalizes, and what is bounded")
