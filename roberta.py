@@ -381,14 +381,25 @@ def resolve(name_or_path, kind):
 def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **config_overrides):
     """A local checkpoint directory or hub id -> RobertaClassifier with its weights loaded.
     A matching sequence-classification head in the checkpoint is loaded, else a new one made."""
-    config = json.loads(resolve(name_or_path, "config").read_text())
+    config_file = resolve(name_or_path, "config")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
     cfg = RobertaConfig.from_dict(config, num_labels=num_labels, **config_overrides)
     weights = resolve(name_or_path, "weights")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # safetensors' own error, pickle's, a zip's: a damaged file
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{weights} cannot be read ({cause}): a damaged or incomplete file "
+                         f"(fetch it again)") from None
     model = RobertaClassifier(cfg)
     load_checkpoint_state(model, state)
     return model

@@ -24,6 +24,7 @@ all-reduce. nanoGPT's train.py does the same in a few lines for one process and 
 we add what an exact resume needs.
 """
 import argparse
+import errno
 import functools
 import hashlib
 import io
@@ -296,20 +297,31 @@ def export_of(path):
         return None
 
 
+NO_LOCKS = {getattr(errno, n) for n in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EINVAL")
+            if hasattr(errno, n)}
+
+
 class RunLock:
     """One writer per run: an exclusive flock on <run>.lock, which names its holder. The kernel
-    drops the lock when its holder dies, so a lock file left by a killed run locks nothing."""
+    drops the lock when its holder dies, so a lock file left by a killed run locks nothing.
+    Some shared file systems offer no locks (a Lustre or FUSE mount without them): there the
+    run goes on unlocked, and `acquire` returns a line saying so."""
 
     def __init__(self, path):
         self.path, self.fd = Path(path), None
 
     def acquire(self):
         if fcntl is None:
-            return
+            return None
         try:
             self._acquire()
         except OSError as e:
+            if e.errno in NO_LOCKS:
+                self.path.unlink(missing_ok=True)
+                return (f"note: {self.path.parent} offers no file locks ({why(e)}): nothing "
+                        f"stops a second process from writing this run at the same time")
             raise UsageError(f"cannot take the run's lock {self.path}: {why(e)}") from None
+        return None
 
     def _acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +329,10 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):
+                    os.close(fd)
+                    raise
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise UsageError(f"{self.path.with_suffix('')} is being run by {holder}: one "
@@ -519,8 +534,8 @@ def existing_run(cfg, paths):
         raise UsageError(f"{paths['json']} exists ({status}); pass --overwrite to run it again")
     has_checkpoint = paths["checkpoint"].exists()
     done = len((summary or {}).get("epochs") or [])
-    what = f"{paths['json'].with_suffix('')} is unfinished ({status or 'no JSON'}, {done} " \
-           f"epoch(s) done)"
+    state = status or ("its JSON unreadable" if summary == {} else "no JSON")
+    what = f"{paths['json'].with_suffix('')} is unfinished ({state}, {done} epoch(s) done)"
     if cfg.resume:
         if has_checkpoint:
             return "resume"
@@ -659,7 +674,9 @@ class Run:
             model, optimizer, scheduler, data_rng
         cfg, model = self.cfg, self.model
         if self.main:
-            self.lock.acquire()
+            unlocked = self.lock.acquire()
+            if unlocked:
+                self.say(unlocked)
             decision = existing_run(cfg, self.paths)
             if decision == "ended":
                 raise UsageError(f"{self.paths['json']} ended while this process was starting")
@@ -756,7 +773,8 @@ class Run:
     def end_epoch(self, record, best_state=None):
         """After an epoch's evaluation (record: rank 0's, with 'test' when validation
         improved; best_state: the adapter then): keep it, checkpoint, write the logs, print the
-        epoch line; stop here if a signal asked to."""
+        epoch line; stop here if a signal asked to and epochs remain (after the last one the
+        run finishes: there is nothing left to resume)."""
         p, self.phase = self.progress, "saving"
         if self.main:
             n = sum(len(b) for b in p.order)
@@ -771,8 +789,12 @@ class Run:
         if self.main:
             self.write_outputs(best_state)
             self.say(epoch_line(record, self.summary, self.cfg.epochs))
-        if self.stop.agree(self.dist):
-            raise self.interrupted()
+        if p.epoch < self.cfg.epochs:  # the same on every process: agree() is collective
+            if self.stop.agree(self.dist):
+                raise self.interrupted()
+        elif self.stop.signum is not None:  # nothing left to stop: the run ends as it would
+            self.say(f"{signal.Signals(self.stop.signum).name} after the last step: the run "
+                     f"finishes instead of stopping")
 
     def finish(self):
         """The run has finished: its last JSON, the checkpoint deleted (unless kept). A run whose

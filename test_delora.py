@@ -1371,6 +1371,25 @@ def test_max_length_must_fit_the_positions_and_the_special_tokens(kind, length, 
             {"ckpt": 6, "bert_ckpt": 5}[kind], "--out-dir", tmp_path / "ok")  # the limit runs
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("model.safetensors", r"model.safetensors cannot be read \(.*\): a damaged or incomplete file"),
+    ("pytorch_model.bin", r"pytorch_model.bin cannot be read \(.*\): a damaged or incomplete file"),
+    ("config.json", r"config.json is not valid JSON \(.*\)$"),
+], ids=["safetensors", "bin", "config"])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(damage, message, ckpt, glue_dir,
+                                                         tmp_path):
+    model = shutil.copytree(ckpt, tmp_path / "model")
+    if damage == "pytorch_model.bin":                          # the older format, cut short
+        from safetensors.torch import load_file
+        torch.save(load_file(model / "model.safetensors"), model / damage)
+        (model / "model.safetensors").unlink()
+    data = (model / damage).read_bytes()
+    (model / damage).write_bytes(data[:len(data) // 2])       # an interrupted download
+    with pytest.raises(SystemExit, match=message):
+        run_cli("rte", 0, "--model", model, "--data", glue_dir, "--out-dir", tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device_is_a_clear_error(ckpt, glue_dir, tmp_path):
     with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
@@ -1607,6 +1626,24 @@ def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
     assert got == expected and all(torch.equal(adapter[k], expected_adapter[k]) for k in adapter)
 
 
+def test_a_signal_after_the_last_step_lets_the_run_finish(ckpt, glue_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    calls, evaluate = [0], train.evaluate
+
+    def signalling_evaluate(*args, **kwargs):   # epoch 1's (the last) validation
+        calls[0] += 1
+        if calls[0] == 3:                       # epoch 0: validation and test; epoch 1: this
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", signalling_evaluate)
+    s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
+                "--out-dir", tmp_path)
+    assert calls[0] >= 3 and s["status"] == "finished" and len(s["epochs"]) == 2
+    assert "SIGTERM after the last step: the run finishes instead of stopping" in \
+        capsys.readouterr().out
+    assert not list(tmp_path.rglob("*_checkpoint.pt"))
+
+
 def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
     argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
             "--out-dir", tmp_path]
@@ -1639,6 +1676,10 @@ def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
     assert run_cli(*argv, "--resume", "--eval-batch-size", 7, "--data", other)["resumed"] == 1
     assert run_cli(*argv, "--overwrite")["status"] == "finished"
     assert not list(tmp_path.rglob("*_checkpoint.pt"))
+    json_path.write_text(json_path.read_text()[:50])                 # damaged by hand
+    with pytest.raises(SystemExit, match=r"unfinished \(its JSON unreadable, 0 epoch\(s\) done\) "
+                                         r"and has no checkpoint"):
+        run_cli(*argv)
 
 
 def test_resume_with_nothing_to_resume_starts_from_the_beginning(ckpt, glue_dir, tmp_path,
@@ -1763,6 +1804,24 @@ def test_one_writer_per_run_naming_the_holder_and_stale_locks_are_free(ckpt, glu
     subprocess.run([sys.executable, "-c", code, str(HERE), str(lock.path)], timeout=60)
     assert lock.path.exists()                                  # stale: left by a dead process
     assert run_cli(*argv)["status"] == "finished" and not lock.path.exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked_and_says_so(ckpt, glue_dir, tmp_path,
+                                                               monkeypatch, capsys):
+    def no_locks(fd, operation):  # as flock on a Lustre or FUSE mount without lock support
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(run.fcntl, "flock", no_locks)
+    s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+                "--out-dir", tmp_path)
+    assert s["status"] == "finished" and not leftovers(tmp_path)
+    assert (f"note: {next(tmp_path.rglob('*.json')).parent} offers no file locks (no locks "
+            f"available): nothing stops a second process") in capsys.readouterr().out
+    monkeypatch.setattr(run.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))             # a lock that fails otherwise
+    with pytest.raises(SystemExit, match=r"cannot take the run's lock .*\.lock: input/output "
+                                         r"error$"):
+        run_cli("rte", 1, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
+                "--out-dir", tmp_path)
 
 
 @pytest.mark.slow
