@@ -171,6 +171,11 @@ def main(argv=None):
             args.tokenizer = "FacebookAI/roberta-base"
     if args.one:
         return bench_one(json.loads(args.one), args)
+    out = Path(args.out)
+    with run.command_line("bench.py"):  # a place we cannot write: one line, before measuring
+        if out.is_dir():
+            raise run.UsageError(f"--out {out} is a folder: name a file")
+        run.check_writable(out.parent, "--out", args.out)
 
     hw = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, median of {args.steps} steps after "
@@ -202,9 +207,14 @@ def main(argv=None):
                           f"{100 * r['padding']:.1f} % | {'padded' if padded else 'real tokens'}"
                           f" | {1000 * r['step_s']:.0f} | {r['real_tokens_per_s']:.0f} | "
                           f"{r['peak_mb']:.0f} |", flush=True)
-    Path(args.out).write_text(json.dumps(dict(hardware=hw, torch=torch.__version__,
-                                              args=vars(args), steps=steps,
-                                              padding=padding), indent=1))
+    with run.command_line("bench.py"):  # written whole, or the earlier file kept
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise run.RunError(f"cannot write {out}: {run.why(e)}") from None
+        run.write_atomic(out, json.dumps(dict(hardware=hw, torch=torch.__version__,
+                                              args=vars(args), steps=steps, padding=padding),
+                                         indent=1))
     print(f"\nwritten to {args.out}")
 
 

@@ -414,6 +414,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def cause(error):
+    """An OSError's cause in words, as train.py says it: 'no space left on device'."""
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]
+
+
 def cannot_write(path, folder=False):
     """Why a file (or, folder=True, a folder made as needed) cannot be written there; None if
     it can. Checked by writing (as root, os.access says yes also on a read-only file system).
@@ -433,7 +439,7 @@ def cannot_write(path, folder=False):
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        return f"cannot write in {existing}: {e.strerror or e}"
+        return f"cannot write in {existing}: {cause(e)}"
     return None
 
 
@@ -451,7 +457,7 @@ def write_atomic(path, data):
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise SystemExit(f"report.py: error: cannot write {path}: {e.strerror or e}; "
+            raise SystemExit(f"report.py: error: cannot write {path}: {cause(e)}; "
                              f"the earlier file is kept") from None
         raise
 

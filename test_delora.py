@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import bench
 import delora
 import glue
 import predict
@@ -2095,9 +2096,10 @@ def mounts():
 
 
 @pytest.mark.slow
-def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts):
+def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts, capsys):
     """The same faults for real: a 64 KiB tmpfs for the logs, then room again; a read-only
-    task folder below a writable --out-dir; an export onto a mount point; onto a link."""
+    task folder below a writable --out-dir (and report's, bench's outputs there); an export
+    onto a mount point; onto a link."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounts("-t", "tmpfs", "-o", "size=64k", "tmpfs", disk)
@@ -2119,6 +2121,11 @@ def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts):
     with pytest.raises(SystemExit, match=rf"--out-dir {logs}: cannot write in {task_folder}: "
                                          rf"read-only file system"):
         run_cli("rte", 1, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--out-dir", logs)
+    for main, option in ((report.main, "--json"), (bench.main, "--out")):  # before they work
+        with pytest.raises(SystemExit) as e:
+            main([str(logs)] * (main is report.main) + [option, str(task_folder / "x.json")])
+        assert (f"{option} {task_folder}/x.json: cannot write in {task_folder}: read-only file "
+                f"system") in str(e.value.code) + capsys.readouterr().err
 
     point = tmp_path / "export"
     point.mkdir()
@@ -2675,7 +2682,7 @@ def test_report_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch, c
     earlier = tmp_path / "rows.json"
     earlier.write_text('{"rows": "an earlier, valid report"}')
     monkeypatch.setattr(report, "open", FullDisk("rows.json"), raising=False)
-    with pytest.raises(SystemExit, match=rf"report\.py: error: cannot write {earlier}: No space "
+    with pytest.raises(SystemExit, match=rf"report\.py: error: cannot write {earlier}: no space "
                                          rf"left on device; the earlier file is kept"):
         report.main([str(tmp_path / "runs"), "--json", str(earlier)])
     assert earlier.read_text() == '{"rows": "an earlier, valid report"}'
