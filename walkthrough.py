@@ -239,10 +239,13 @@ if FIGURE:
         ax.set(xscale="log", yscale="log", xlabel="learning rate of A and B (AdamW, 100 steps)",
                ylabel="‖ΔW‖_F", title=f"one layer ({source.split(',')[0]}), r = {r}")
         ax.legend(fontsize=8)
-        Path(FIGURE).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIGURE, dpi=150)
+        try:  # a read-only checkout, a full disk: the walkthrough goes on without it
+            Path(FIGURE).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(FIGURE, dpi=150)
+            print(f"   figure: {FIGURE}")
+        except OSError as e:
+            print(f"   (no figure: cannot write {FIGURE}: {e.strerror or e})")
         plt.close(fig)
-        print(f"   figure: {FIGURE}")
 print()
 
 
