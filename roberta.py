@@ -12,6 +12,7 @@ and give the same logits, in a file you can read next to the paper. BERT-family 
 import json
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -370,12 +371,28 @@ def resolve(name_or_path, kind):
                 hf_hub_download(name_or_path, "merges.txt")
             return found
         error = f"it has none of {wanted}"
-    except Exception as e:  # offline, unknown repo, ...: no point trying the other files
-        error = type(e).__name__
+    except Exception as e:  # offline, unknown repo, a full cache ...: no point trying others
+        error = type(e).__name__ + (f": {e.strerror[:1].lower()}{e.strerror[1:]}"
+                                    if isinstance(e, OSError) and e.strerror else "")
     raise FileNotFoundError(
         f"{name_or_path!r} is no local directory and {wanted[0]} could not be fetched from the "
         f"Hugging Face hub ({error}); offline, pass a local directory with "
         f"{' or '.join(wanted)} instead")
+
+
+@contextmanager
+def reading(path):
+    """Around reading a checkpoint's file: what its reader raises for a damaged one (a download
+    cut short) -- safetensors', pickle's, a zip's, tokenizers' own errors -- becomes one
+    ValueError naming the file."""
+    try:
+        yield
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} cannot be read ({cause}): a damaged or incomplete file "
+                         f"(fetch it again)") from None
 
 
 def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **config_overrides):
@@ -388,18 +405,12 @@ def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **conf
         raise ValueError(f"{config_file} is not valid JSON ({e})") from None
     cfg = RobertaConfig.from_dict(config, num_labels=num_labels, **config_overrides)
     weights = resolve(name_or_path, "weights")
-    try:
+    with reading(weights):
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(weights)
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (OSError, MemoryError):
-        raise
-    except Exception as e:  # safetensors' own error, pickle's, a zip's: a damaged file
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{weights} cannot be read ({cause}): a damaged or incomplete file "
-                         f"(fetch it again)") from None
     model = RobertaClassifier(cfg)
     load_checkpoint_state(model, state)
     return model
@@ -455,12 +466,14 @@ def load_tokenizer(name_or_path="FacebookAI/roberta-base", max_length=256):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     path = resolve(name_or_path, "tokenizer")
     if path.name == "tokenizer.json":
-        tok = Tokenizer.from_file(str(path))
+        with reading(path):
+            tok = Tokenizer.from_file(str(path))
     else:
         merges = path.parent / "merges.txt"
         if not merges.is_file():
             raise FileNotFoundError(f"{path.parent} has vocab.json but no merges.txt")
-        tok = Tokenizer(models.BPE.from_file(str(path), str(merges)))
+        with reading(f"{path} (with {merges.name})"):
+            tok = Tokenizer(models.BPE.from_file(str(path), str(merges)))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         vocab = tok.get_vocab()

@@ -1376,7 +1376,8 @@ def test_max_length_must_fit_the_positions_and_the_special_tokens(kind, length, 
     ("model.safetensors", r"model.safetensors cannot be read \(.*\): a damaged or incomplete file"),
     ("pytorch_model.bin", r"pytorch_model.bin cannot be read \(.*\): a damaged or incomplete file"),
     ("config.json", r"config.json is not valid JSON \(.*\)$"),
-], ids=["safetensors", "bin", "config"])
+    ("tokenizer.json", r"tokenizer.json cannot be read \(.*\): a damaged or incomplete file"),
+], ids=["safetensors", "bin", "config", "tokenizer"])
 def test_a_damaged_checkpoint_file_is_one_line_naming_it(damage, message, ckpt, glue_dir,
                                                          tmp_path):
     model = shutil.copytree(ckpt, tmp_path / "model")
@@ -1389,6 +1390,19 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(damage, message, ckpt, 
     with pytest.raises(SystemExit, match=message):
         run_cli("rte", 0, "--model", model, "--data", glue_dir, "--out-dir", tmp_path / "logs")
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_hub_download_that_fails_on_this_machine_says_why(monkeypatch):
+    import huggingface_hub
+
+    def full_cache(repo, filename):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", full_cache)
+    with pytest.raises(FileNotFoundError, match=r"'org/model' is no local directory and "
+                                                r"config.json could not be fetched from the "
+                                                r"Hugging Face hub \(OSError: no space left on "
+                                                r"device\)"):
+        roberta.resolve("org/model", "config")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
