@@ -874,6 +874,9 @@ class Run:
         if isinstance(error, OSError):
             return f"{error.filename or 'an operation on a file'}: {why(error)}; {then}"
         if out_of_memory(error):
+            if self.phase == "saving":  # a checkpoint, the logs or the export: no batch in it
+                return (f"out of memory after epoch {p.epoch - 1}, saving the run's files or "
+                        f"its export: free memory, then {then}")
             if self.phase == "evaluating":
                 return (f"out of memory evaluating epoch {p.epoch} (batches of "
                         f"{cfg.eval_batch_size}): lower --eval-batch-size (--resume may change "

@@ -2002,6 +2002,8 @@ def test_a_full_disk_during_the_export_keeps_nothing_half_written(ckpt, glue_dir
     ("evaluate", r"out of memory evaluating epoch 0 \(batches of 128\): lower --eval-batch-size "
                  r"\(--resume may change it\), then --resume continues from the checkpoint of "
                  r"step 3$"),
+    ("export_merged", r"out of memory after epoch 2, saving the run's files or its export: free "
+                      r"memory, then --resume continues from the checkpoint of step 15$"),
 ])
 def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, uninterrupted,
                                                       tmp_path, monkeypatch):
@@ -2016,7 +2018,8 @@ def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, unin
                    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
         return real(*args, **kwargs)
     monkeypatch.setattr(train, where, allocator_fails)
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path / "logs",
+            *["--save-merged", tmp_path / "merged"] * (where == "export_merged")]
     with pytest.raises(SystemExit, match=message):
         run_cli(*argv)
     s = json.loads(next(tmp_path.rglob("*.json")).read_text())
@@ -2024,7 +2027,8 @@ def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, unin
     assert not leftovers(tmp_path)
     monkeypatch.undo()
     run_cli(*argv, "--resume")
-    assert outcome(tmp_path)[0] == reference()[0]
+    assert outcome(tmp_path / "logs")[0] == reference()[0]
+    assert (where == "export_merged") == (tmp_path / "merged" / "model.safetensors").is_file()
 
 
 def test_a_bug_keeps_its_traceback_but_the_run_still_ends_failed(ckpt, glue_dir, tmp_path,
