@@ -189,11 +189,12 @@ def run_paths(cfg):
 def write_atomic(path, data):
     """Write data (bytes, or str as UTF-8) to a temporary name of this process's own, then
     rename it over path: readers see the old file or the new one, never a part. A write that
-    fails (a full disk, a read-only place) removes its temporary file, leaves the old file as it
-    was and is a RunError naming the file and the cause. Serialized first, written by Python:
+    fails (a full disk, a read-only place) removes its temporary file, leaves the old file (if
+    any) as it was and is a RunError naming the file and the cause. Serialized first, written by Python:
     so the cause is the OSError's (torch.save's own writer reports a full disk without one)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    kept = "the previous version is kept" if path.exists() else "no half-written file is left"
     try:
         with open(tmp, "wb") as f:  # mode 0666 & ~umask, like any other file
             f.write(data.encode() if isinstance(data, str) else data)
@@ -204,7 +205,7 @@ def write_atomic(path, data):
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise RunError(f"cannot write {path}: {why(e)}; the previous version is kept") from e
+            raise RunError(f"cannot write {path}: {why(e)}; {kept}") from e
         raise
 
 
@@ -697,9 +698,9 @@ class Run:
             self.say(f"nothing to resume under {self.paths['json'].with_suffix('')}: starting "
                      f"from the beginning")
         self.saved = json.dumps(self.summary)  # the summary as the last checkpoint holds it
+        self.started = True  # from here, however the run ends, its JSON is to say how
         if self.main:
             self.write_outputs(self.best_state)
-        self.started = True
 
     # -- the steps of an epoch
 

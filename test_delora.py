@@ -1960,7 +1960,8 @@ def test_a_full_disk_at_any_write_is_one_line_a_final_status_and_resume_ends_exa
         run_cli(*argv)
     message = str(e.value.code)
     assert message.startswith("train.py: error: cannot write ") and "\n" not in message
-    assert f"{target}: no space left on device; the previous version is kept" in message
+    assert f"{target}: no space left on device; " + (
+        "the previous version is kept" if nth > 1 else "no half-written file is left") in message
     assert message.endswith(then) != (times > 1)         # a JSON that cannot say so, says so
     assert not leftovers(tmp_path)                        # no half-written file, the lock gone
     s = json.loads(next(tmp_path.rglob("*.json")).read_text())   # valid: the previous version
@@ -2124,12 +2125,22 @@ def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts, 
     argv = ["rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
             "--out-dir", disk]
     with pytest.raises(SystemExit, match=r"cannot write .*_checkpoint\.pt: no space left on "
-                                         r"device; the previous version is kept"):
+                                         r"device; no half-written file is left"):
         run_cli(*argv)
     assert not leftovers(disk)
     assert json.loads(next(disk.rglob("*.json")).read_text())["status"] == "failed"
     subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
     assert run_cli(*argv, "--resume")["status"] == "finished"
+    tiny = tmp_path / "tiny"                                  # one page: not even the first JSON
+    tiny.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=4k", "tmpfs", tiny)
+    with pytest.raises(SystemExit, match=r"cannot write .*\.json: no space left on device; no "
+                                         r"half-written file is left; once there is room .*, "
+                                         r"--resume starts it from the beginning"):
+        run_cli(*argv[:-1], tiny)
+    assert not leftovers(tiny)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny)], check=True)
+    assert run_cli(*argv[:-1], tiny, "--resume")["status"] == "finished"
 
     logs = tmp_path / "logs"
     run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
