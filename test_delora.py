@@ -2518,7 +2518,8 @@ def test_predict_help_and_a_missing_run_is_one_line(tmp_path, capsys):
 
 def test_imports_flow_one_way():
     """run.py is machinery that train.py calls: it never imports the protocol (train.py),
-    nor what is made from runs (predict.py, report.py); report.py reads JSON only."""
+    nor what is made from runs (predict.py, report.py); report.py reads JSON only; no file
+    of the project imports transformers or peft."""
     import ast
 
     def imported(path):
@@ -2529,6 +2530,10 @@ def test_imports_flow_one_way():
     assert not imported("run.py") & {"train", "predict", "report"}
     assert not imported("report.py") & {"train", "run", "torch", "predict"}
     assert "run" in imported("train.py") and "train" in imported("predict.py")
+    files = sorted(p.relative_to(HERE) for p in HERE.glob("*.py"))  # the layout is flat
+    assert {"delora.py", "test_delora.py", "walkthrough.py"} <= {str(f) for f in files}
+    for f in files:  # the whole thing, from scratch: neither, anywhere, tests included
+        assert not imported(f) & {"transformers", "peft"}, f
 
 
 def test_the_reading_path_stays_short():
