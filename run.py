@@ -190,8 +190,9 @@ def write_atomic(path, data):
     """Write data (bytes, or str as UTF-8) to a temporary name of this process's own, then
     rename it over path: readers see the old file or the new one, never a part. A write that
     fails (a full disk, a read-only place) removes its temporary file, leaves the old file (if
-    any) as it was and is a RunError naming the file and the cause. Serialized first, written by Python:
-    so the cause is the OSError's (torch.save's own writer reports a full disk without one)."""
+    any) as it was and is a RunError naming the file and the cause. Serialized first, written
+    by Python: so the cause is the OSError's (torch.save's own writer reports a full disk
+    without one)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     kept = "the previous version is kept" if path.exists() else "no half-written file is left"

@@ -1025,7 +1025,8 @@ def replay_official_trajectory(method, mutate=lambda model: None):
     its tensors, and ours: losses, learning rates, final state."""
     from safetensors import safe_open
     with safe_open(TRAJECTORY, "pt") as f:
-        meta, fixture = json.loads(f.metadata()["trajectory"]), {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["trajectory"])
+        fixture = {k: f.get_tensor(k) for k in f.keys()}
     official, s = meta[method], meta[method]["settings"]
     cfg = train.TrainConfig("mnli", 0, model=str(HERE / "fixtures" / "tiny-roberta"),
                             method=method, r=s["r"], lr=s["lr"], lam=s.get("lam"),
@@ -2245,7 +2246,8 @@ def ddp_data(tmp_path_factory):  # 41 examples, batch 5: shards of 3 and 2; the 
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resume(ckpt, ddp_data, tmp_path):
+def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resume(ckpt, ddp_data,
+                                                                                 tmp_path):
     argv = ["rte", 1, "--model", ckpt, "--data", ddp_data, "--epochs", 3, "--batch-size", 5,
             "--save-every", 3]
     single = run_cli(*argv, "--out-dir", tmp_path / "single")
