@@ -1552,6 +1552,24 @@ def run_signalled(argv, n, sig="SIGKILL"):
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def before_call(monkeypatch, name, n, action):
+    """train.NAME with action() run just before its n-th call (in this process: run_signalled
+    does it in a new one); returns the list that counts the calls."""
+    real, calls = getattr(train, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, name, wrapped)
+    return calls
+
+
+def fail(error):
+    raise error
+
+
 def outcome(out_dir):
     """What a run ends with: its per-epoch record (no timings) and its adapter tensors."""
     from safetensors.torch import load_file
@@ -1611,15 +1629,10 @@ def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
         p = run_signalled(argv, 7, sig)
         code, err = p.returncode, p.stderr
     else:                 # the same handler, in this process (3 s less)
-        calls, step = [0], train.train_step
-
-        def signalling_step(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == 7:  # never the default action here: that would end pytest
-                assert signal.getsignal(getattr(signal, sig)) is not signal.SIG_DFL, sig
-                os.kill(os.getpid(), getattr(signal, sig))
-            return step(*args, **kwargs)
-        monkeypatch.setattr(train, "train_step", signalling_step)
+        def signal_here():  # never the default action here: that would end pytest
+            assert signal.getsignal(getattr(signal, sig)) is not signal.SIG_DFL, sig
+            os.kill(os.getpid(), getattr(signal, sig))
+        before_call(monkeypatch, "train_step", 7, signal_here)
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             run_cli(*argv)
@@ -1644,17 +1657,11 @@ def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
 
 def test_a_signal_after_the_last_step_lets_the_run_finish(ckpt, glue_dir, tmp_path,
                                                           monkeypatch, capsys):
-    calls, evaluate = [0], train.evaluate
-
-    def signalling_evaluate(*args, **kwargs):   # epoch 1's (the last) validation
-        calls[0] += 1
-        if calls[0] == 3:                       # epoch 0: validation and test; epoch 1: this
-            os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate(*args, **kwargs)
-    monkeypatch.setattr(train, "evaluate", signalling_evaluate)
+    calls = before_call(monkeypatch, "evaluate", 3,  # epoch 0: validation, test; 1: validation
+                        lambda: os.kill(os.getpid(), signal.SIGTERM))
     s = run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 2, "--batch-size", 8,
                 "--out-dir", tmp_path)
-    assert calls[0] >= 3 and s["status"] == "finished" and len(s["epochs"]) == 2
+    assert len(calls) >= 3 and s["status"] == "finished" and len(s["epochs"]) == 2
     assert "SIGTERM after the last step: the run finishes instead of stopping" in \
         capsys.readouterr().out
     assert not list(tmp_path.rglob("*_checkpoint.pt"))
@@ -2010,16 +2017,10 @@ def test_a_full_disk_during_the_export_keeps_nothing_half_written(ckpt, glue_dir
 def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, uninterrupted,
                                                       tmp_path, monkeypatch):
     glue_dir, reference = uninterrupted
-    real, calls = getattr(train, where), []
-
-    def allocator_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == (4 if where == "train_step" else 1):
-            raise (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
-                                "allocate 1073741824 bytes") if where == "train_step" else
-                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train, where, allocator_fails)
+    error = (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                          "1073741824 bytes") if where == "train_step" else
+             torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    before_call(monkeypatch, where, 4 if where == "train_step" else 1, lambda: fail(error))
     argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path / "logs",
             *["--save-merged", tmp_path / "merged"] * (where == "export_merged")]
     with pytest.raises(SystemExit, match=message):
@@ -2035,12 +2036,7 @@ def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, unin
 
 def test_a_bug_keeps_its_traceback_but_the_run_still_ends_failed(ckpt, glue_dir, tmp_path,
                                                                   monkeypatch):
-    step, calls = train.train_step, []
-
-    def buggy(*args, **kwargs):
-        calls.append(1)
-        return 1 / 0 if len(calls) == 2 else step(*args, **kwargs)
-    monkeypatch.setattr(train, "train_step", buggy)
+    before_call(monkeypatch, "train_step", 2, lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):                 # not hidden: it is worth seeing
         run_cli("rte", 0, "--model", ckpt, "--data", glue_dir, "--epochs", 1, "--batch-size", 8,
                 "--out-dir", tmp_path)
