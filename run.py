@@ -331,14 +331,14 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if not isinstance(e, BlockingIOError):
-                    os.close(fd)
-                    raise
+            except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise UsageError(f"{self.path.with_suffix('')} is being run by {holder}: one "
                                  f"process per run (wait for it to end, or stop it)") from None
+            except OSError:  # no locks here, or another failure: acquire() says which
+                os.close(fd)
+                raise
             try:  # the holder before us may have deleted the file: then lock the new one
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
