@@ -439,9 +439,9 @@ for k, f in moved_forms.items():
         f.lam.div_(2)
 steps, sizes = (1, 2, 5, 20), {}
 for lr in (1e-3, 1e-2):
-    for k in forms:
+    for k, f in three().items():  # fresh, as at init
         norms = []
-        fit(three()[k], lr, steps=20, after_step=lambda layer: norms.append(layer.delta_norm()))
+        fit(f, lr, steps=20, after_step=lambda layer: norms.append(layer.delta_norm()))
         sizes[k, lr] = [norms[s - 1] for s in steps]
 print(f"   {'form':<22} | ΔW=0 at init | dL/dλ at init | after A, B moved: dL/dλ, ΔW(2λ)/ΔW(λ) "
       f"| bound (λ = 12)")
