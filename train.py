@@ -4,8 +4,6 @@
     python train.py stsb 42 --model DIR --data DIR --max-train-samples 2000 --epochs 3
     python train.py mnli 42 --resume            # continue an interrupted run, exactly
     torchrun --standalone --nproc_per_node=8 train.py mnli 42       # one run over 8 GPUs
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
-        train.py mnli 42                        # ... over 2 machines (node_rank 1 on the other)
     python train.py --plan table4 | parallel -j 8 'CUDA_VISIBLE_DEVICES=$(({%}-1)) sh -c {}'
 
 The protocol (the official code, on RED's revisited splits): train on GLUE train; after every
@@ -17,10 +15,11 @@ predictions with a finished run are predict.py's, tables and figures report.py's
 """
 import argparse
 import math
+import os
 import re
+import shlex
 import sys
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -28,10 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from delora import add_adapters, adapter_diagnostics, adapter_state_dict, count_parameters
-from glue import TASKS, batch_order, compute_metrics, encode, get_task, load_glue
+from delora import load_adapter_state_dict
+from glue import TASKS, Parser, RunError, UsageError, batch_order, command, compute_metrics
+from glue import encode, get_task, load_glue, metrics_text, not_a_folder, run_name, say, setting
+from glue import user_errors
+from predict import check_export_folder, export_merged, load_finetuned
 from roberta import check_max_length, from_pretrained, load_tokenizer
-from run import Parser, Run, UsageError, command_line, export_merged, plan_main, run_name
-from run import seed_everything, setting, to_device, user_errors
+from run import Run, command_line, run_paths, seed_everything
 
 
 class Hparams(NamedTuple):
@@ -60,56 +62,57 @@ HPARAMS = {
 }
 WARMUP = 0.06        # fraction of all steps with a linearly rising learning rate
 WEIGHT_DECAY = 0.01  # AdamW's default; on A, B, the head's weights and λ too (official)
+PATHS = ("model", "data", "out_dir", "save_merged")  # the options that name a file or folder
+RULES = [  # (options, the test a value passes, what a value that fails it is told): `check`
+    (("seed",), lambda v: 0 <= v < 2**32, "must be in [0, 2**32 - 1], got {}"),  # numpy's
+    (PATHS, str.strip, "is an empty path: name a folder"),
+    (("lam", "alpha", "lr", "lam_lr", "lr_mult", "dropout"), math.isfinite,
+     "must be a finite number, got {:g}"),
+    (("lr", "lam_lr", "lr_mult"), lambda v: v > 0, "must be > 0, got {:g}"),
+    (("r", "epochs", "batch_size", "max_length", "eval_batch_size", "max_train_samples"),
+     lambda v: v >= 1, "must be >= 1, got {:g}"),
+    (("save_every",), lambda v: v >= 0, "must be >= 0, got {:g}"),
+    (("dropout",), lambda v: 0 <= v < 1, "must be in [0, 1), got {:g}")]
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; each field's help is its --help text. The settings that can
-    change the numbers (`results()`) name the run's files, tell rows apart in report.py and must
-    match the checkpoint on --resume. Per-task settings left at None come from HPARAMS."""
+    """Every setting of a run, its help its --help text. The settings that can change the
+    numbers (`results()`) name the run's files; those left at None come from HPARAMS."""
     task: str = setting(help=f"GLUE task: {', '.join(TASKS)}")
     seed: int = setting(help="random seed: initialization, data order and split (paper: 42-46)")
     model: str = setting("FacebookAI/roberta-base", "hub id or local checkpoint directory")
-    data: str | None = setting(None, "local GLUE folder (TSV files or save_to_disk); "
-                                     "default: the hub")
+    data: str | None = setting(None, "local GLUE folder, TSV or save_to_disk (default: hub)")
     method: str = setting("delora", "delora, or lora (the baseline)", choices=("delora", "lora"))
-    r: int = setting(8, "rank, on query and value of every layer; under torchrun spell it "
-                        "--adapter-rank (torchrun takes --r for its own)",
-                     flags=("--r", "--adapter-rank"))
+    r: int = setting(8, "rank, on query and value of every layer (--adapter-rank: under "
+                        "torchrun, which takes --r)", flags=("--r", "--adapter-rank"))
     lam: float | None = setting(None, "DeLoRA's initial λ (default: per task)")
     alpha: float = setting(8.0, "LoRA's α (scale α / r)")
-    lr: float | None = setting(None, "learning rate of A, B and the head (default: per task and "
-                                     "method)")
+    lr: float | None = setting(None, "learning rate of A, B and the head (default: per task)")
     lam_lr: float | None = setting(None, "λ's own learning rate (default: per task)")
-    lr_mult: float = setting(1.0, "multiply the learning rate of A and B (not the head's, not "
-                                  "λ's): for robustness sweeps")
+    lr_mult: float = setting(1.0, "multiply A's and B's learning rate only: robustness sweeps")
     batch_size: int | None = setting(None, "default: per task")
     epochs: int | None = setting(None, "default: per task")
     dropout: float | None = setting(None, "on the adapter's input (default: per task)")
     max_length: int = setting(256, "truncate to this many tokens, as the official code; more "
                                    "than the model's positions (roberta-base: 512) is an error")
-    max_train_samples: int | None = setting(None, "train on the first N examples only "
-                                                  "(default: all)")
-    group_by_length: bool = setting(False, "batches of similar length: less padding; off = "
-                                           "the paper's random order")
-    eval_batch_size: int = setting(128, "evaluation batches, sorted by length (the batch size "
-                                        "changes only float rounding)", results=False)
+    max_train_samples: int | None = setting(None, "train on the first N examples only")
+    group_by_length: bool = setting(False, "batches of similar lengths (not the paper's)")
+    eval_batch_size: int = setting(128, "evaluation batches (changes float rounding only)",
+                                   results=False)
     device: str = setting("auto", "auto = cuda, then mps, then cpu", results=False)
-    bf16: bool = setting(False, "bfloat16 autocast (for CUDA)")
+    bf16: bool = setting(False, "bfloat16 autocast of the encoder's matmuls (for CUDA)")
     compile: bool = setting(False, "torch.compile the model", results=False)
     out_dir: str = setting(".logs", "logs go here", results=False)
     save_merged: str | None = setting(None, "write the best model, adapters merged, as a HF "
-                                            "checkpoint into this folder", results=False,
-                                      metavar="DIR")
+                                            "checkpoint (a finished run: with --resume)",
+                                      results=False, metavar="DIR")
     overwrite: bool = setting(False, "replace an existing run", results=False)
-    resume: bool = setting(False, "continue this run from its checkpoint, ending exactly where "
-                                  "an uninterrupted run would; nothing to resume: start it",
+    resume: bool = setting(False, "continue from the checkpoint, exactly (none: start the run)",
                            results=False)
-    save_every: int = setting(1000, "steps between mid-epoch resume checkpoints (there is one "
-                                    "at every epoch's end too); 0: epoch ends only",
-                              results=False, metavar="STEPS")
-    keep_checkpoint: bool = setting(False, "keep the resume checkpoint when the run ends",
-                                    results=False)
+    save_every: int = setting(1000, "steps between checkpoints (and one at every epoch's end; "
+                                    "0: there only)", results=False, metavar="STEPS")
+    keep_checkpoint: bool = setting(False, "keep the checkpoint once the run ends", results=False)
 
     def __post_init__(self):  # fill what was not given from the task's row of HPARAMS
         get_task(self.task)  # an unknown task: a ValueError that lists the eight
@@ -120,51 +123,19 @@ class TrainConfig:
         for name, value in row.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        self.check()
-
-    def check(self):
-        """Bad values as one ValueError naming the option (a negative learning rate would
-        train silently by gradient ascent: AdamW checks only its default lr)."""
-        def bad(name, rule):
-            return ValueError(f"--{name.replace('_', '-')} must be {rule}, got "
-                              f"{getattr(self, name):g}")
-        if self.method not in ("delora", "lora"):
-            raise ValueError(f"--method {self.method!r}: valid: delora, lora")
-        if not 0 <= self.seed < 2**32:  # what numpy's RandomState takes
-            raise ValueError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
-        for name in ("model", "data", "out_dir", "save_merged"):
-            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
-                raise ValueError(f"--{name.replace('_', '-')} is an empty path: name a folder")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ValueError(f"--device {self.device!r}: valid: auto, cpu, cuda, cuda:N, mps")
-        for name in ("lam", "alpha", "lr", "lam_lr", "lr_mult", "dropout"):
-            if not math.isfinite(getattr(self, name)):
-                raise bad(name, "a finite number")
-        if self.method == "delora" and self.lam == 0 or self.method == "lora" and not self.alpha:
-            update = ("--lam 0: DeLoRA's update (λ/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w"
-                      if self.method == "delora" else "--alpha 0: LoRA's update (α/r) B A")
-            raise ValueError(f"{update} would be identically zero, and so would every gradient "
-                             f"of the adapter: nothing but the head would train")
-        for name in ("lr", "lam_lr", "lr_mult"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "> 0")
-        for name in ("r", "epochs", "batch_size", "max_length", "eval_batch_size",
-                     "max_train_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise bad(name, ">= 1")
-        if self.save_every < 0:
-            raise bad("save_every", ">= 0")
-        if not 0 <= self.dropout < 1:
-            raise bad("dropout", "in [0, 1)")
+        for name in PATHS:  # ~ is the home folder in every path option alike
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
+        check(self)
 
     def results(self):
         """The settings that can change the numbers, by name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["results"]}
 
     def overrides(self):
-        """The settings that can change the numbers and differ from the task's defaults, but
-        those that say which run it is (task, seed, model, data) or that the method does not
-        use: what names a row in report.py. TrainConfig("mnli", 1, lr=5e-3) -> {'lr': 0.005}."""
+        """The settings that change the numbers and differ from the task's defaults, but those
+        saying which run it is or unused by the method: a row's name in report.py.
+        TrainConfig("mnli", 1, lr=5e-3).overrides() -> {'lr': 0.005}."""
         default = TrainConfig(self.task, self.seed, method=self.method)
         unused = {"lam", "lam_lr"} if self.method == "lora" else {"alpha"}
         return {k: v for k, v in self.results().items() if k not in unused
@@ -172,6 +143,27 @@ class TrainConfig:
 
     def run_name(self):
         return run_name(self)
+
+    def command(self, torchrun=False, **changes):
+        return command(self, torchrun, **changes)
+
+
+def check(cfg):
+    """Bad values as one ValueError naming the option (a negative learning rate would train
+    silently by gradient ascent: AdamW checks only its default lr)."""
+    if cfg.method not in ("delora", "lora"):
+        raise ValueError(f"--method {cfg.method!r}: valid: delora, lora")
+    for names, ok, told in RULES:
+        for name in names:
+            if getattr(cfg, name) is not None and not ok(getattr(cfg, name)):
+                raise ValueError(f"--{name.replace('_', '-')} {told.format(getattr(cfg, name))}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device {cfg.device!r}: valid: auto, cpu, cuda, cuda:N, mps")
+    if cfg.method == "delora" and cfg.lam == 0 or cfg.method == "lora" and not cfg.alpha:
+        update = ("--lam 0: DeLoRA's update (λ/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w"
+                  if cfg.method == "delora" else "--alpha 0: LoRA's update (α/r) B A")
+        raise ValueError(f"{update} would be identically zero, and so would every gradient "
+                         f"of the adapter: nothing but the head would train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +175,13 @@ def train(cfg: TrainConfig):
     # the run: device, processes, what is on disk under its name; from here on a signal stops
     # it cleanly, and however it ends its JSON says how (run.Run)
     with Run(cfg) as run:
-        if run.ended:  # finished or diverged earlier: --resume has nothing to do
+        spec = get_task(cfg.task)
+        if run.summary is not None:  # finished or diverged earlier: nothing left to train
+            if cfg.save_merged:  # but its export, when asked again
+                export_merged(load_finetuned(run_paths(cfg)["json"])[0], cfg.save_merged,
+                              run_name(cfg), cfg.model)
             return run.summary
         seed_everything(cfg.seed)  # before the head and the adapters are made, as officially
-        spec = get_task(cfg.task)
         with user_errors():  # a bad path, file or value: one line, before anything is written
             # 1. data: GLUE train; GLUE validation cut by the seed into new validation and test
             tokenizer = load_tokenizer(cfg.model, cfg.max_length)
@@ -196,69 +191,74 @@ def train(cfg: TrainConfig):
             check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)
         if cfg.max_train_samples:
             train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
-        splits = {"train": train_ds, "val": val_ds, "test": test_ds}
         enc = {k: encode(cfg.task, ds, tokenizer, model.config.pad_token_id)  # tokenized once
-               for k, ds in splits.items()}
+               for k, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds))}
         forward = run.distribute(model)  # what training calls: compiled and/or DDP, as asked
         n = count_parameters(model)
-        run.say(f"{cfg.task} seed {cfg.seed}: {cfg.method} on {cfg.model} ({run.device} x "
-                f"{run.dist.world}); train/val/test {len(train_ds)}/{len(val_ds)}/"
-                f"{len(test_ds)}; trainable {n['adapter']:,} adapter + "
-                f"{n['trainable'] - n['adapter']:,} head of {n['total']:,}")
+        say(f"{cfg.task} seed {cfg.seed}: {cfg.method} on {cfg.model}; train/val/test "
+            f"{len(train_ds)}/{len(val_ds)}/{len(test_ds)}; trainable {n['adapter']:,} adapter "
+            f"+ {n['trainable'] - n['adapter']:,} head of {n['total']:,}")
 
         # 3. AdamW with λ in its own group at its own rate; linear warmup and decay over all
         optimizer = torch.optim.AdamW(param_groups(model, cfg))
-        steps = cfg.epochs * math.ceil(len(enc["train"]) / cfg.batch_size)
-        schedule = linear_schedule(steps)
+        per_epoch = math.ceil(len(enc["train"]) / cfg.batch_size)
+        schedule = linear_schedule(cfg.epochs * per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         data_rng = np.random.RandomState(cfg.seed)  # draws each epoch's order of the examples
-        run.start(model, optimizer, scheduler, data_rng)  # or where a checkpoint left it
+        # the protocol's state: the best validation score so far, its epoch, metrics, adapter
+        best = dict(score=-math.inf, epoch=None, val=None, test=None, adapter=None)
+        first = run.start(model, optimizer, scheduler, data_rng, best)  # or as it was stopped
 
         # 4. every epoch: train, validate, and test only when validation strictly improves
         lengths, metric = enc["train"].lengths, spec.metrics[0]
-        for epoch in range(run.progress.epoch, cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             forward.train()
             for idx, weight in run.batches(lambda: batch_order(
                     lengths, cfg.batch_size, data_rng, cfg.group_by_length)):
-                batch = to_device(enc["train"].batch(idx), run.device)
+                batch = enc["train"].batch(idx, run.device)
                 loss = train_step(forward, optimizer, batch, cfg.bf16, weight)
                 lr = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's
                 scheduler.step()
                 run.step_done(loss)  # checks the losses; checkpoints and stops when due
-            record = dict(epoch=epoch, train_loss=run.epoch_loss())
+            record = dict(epoch=epoch)
             if run.main:  # rank 0 alone evaluates: exactly a single-process run's metrics
                 record.update(val=evaluate(model, enc["val"], cfg), lr=lr,  # the last step's
                               adapters=adapter_diagnostics(model),  # λ, ‖ΔW‖_F, the bound
-                              **decay_alone(cfg, schedule, run.progress.step))
+                              **decay_alone(cfg, schedule, (epoch + 1) * per_epoch))
             # strictly: a tie is no improvement (nor is a NaN metric ever one)
-            improved = run.main and record["val"][metric] > run.progress.best
+            improved = run.main and record["val"][metric] > best["score"]
             if improved:  # test now; this epoch's test metric is the result, until beaten
-                run.progress.best = record["val"][metric]
                 record["test"] = evaluate(model, enc["test"], cfg)
-                run.summary.update(best_epoch=epoch, val=record["val"], test=record["test"])
-            run.end_epoch(record, adapter_state_dict(model) if improved else None)
+                best.update(score=record["val"][metric], epoch=epoch, val=record["val"],
+                            test=record["test"], adapter=adapter_state_dict(model))
+            run.end_epoch(record, best)  # checkpoint, logs, the epoch line; a stop, if asked
 
-        # 5. if asked, the best epoch's model with its adapters merged, as a HF checkpoint
-        # (before the run is marked finished: killed during the export, --resume exports again)
-        if run.main and cfg.save_merged and run.best_state is not None:
-            export_merged(model, run.best_state, cfg)
-            run.say(f"merged model written to {cfg.save_merged}")
-        return run.finish()
+        # 5. the result: the test metric at the best validation epoch
+        if run.main and best["epoch"] is None:
+            raise RunError(f"finished, but validation {metric} was never a number in "
+                           f"{cfg.epochs} epoch(s) (NaN: constant predictions?): no best "
+                           f"epoch, no result", status="finished")
+        # if asked, the best epoch's model with its adapters merged, as a HF checkpoint (before
+        # the run is marked finished: killed during the export, --resume exports again)
+        if run.main and cfg.save_merged:
+            export_merged(load_adapter_state_dict(model, best["adapter"]), cfg.save_merged,
+                          run_name(cfg), cfg.model)
+        say(f"done: best epoch {best['epoch']}, test {metrics_text(best['test'])}")
+    return run.summary
 
 
 def build_model(cfg, num_labels):
     """The pretrained checkpoint with adapters added (seeded, so identical for a seed)."""
-    model = from_pretrained(cfg.model, num_labels=num_labels)
-    return add_adapters(model, method=cfg.method, targets=("query", "value"), r=cfg.r,
-                        lam=cfg.lam, alpha=cfg.alpha, dropout=cfg.dropout)
+    return add_adapters(from_pretrained(cfg.model, num_labels=num_labels), method=cfg.method,
+                        targets=("query", "value"), r=cfg.r, lam=cfg.lam, alpha=cfg.alpha,
+                        dropout=cfg.dropout)
 
 
 def param_groups(model, cfg, head="classifier"):
-    """AdamW groups as in the official code: λ at its own learning rate, and, like A, B and
-    the head's weights, with weight decay 0.01 (AdamW's default, which the official code keeps
-    for λ too: each step multiplies λ by 1 − lr_λ·f(s)·0.01 before its gradient step, a pull
-    toward 0 that `decay_alone` computes); the other weights (A, B, head) at lr; biases and
-    LayerNorm weights without decay. The groups are named adapter (A, B), head, no_decay, lam."""
+    """AdamW groups as in the official code: λ at its own learning rate and, like A, B and the
+    head's weights, with weight decay 0.01 (AdamW's default, kept for λ too: each step takes
+    λ times 1 − lr_λ·f(s)·0.01 before its gradient step, `decay_alone`); A, B, head at lr;
+    biases and LayerNorm weights without decay. Named adapter (A, B), head, no_decay, lam."""
     groups = {"adapter": [], "head": [], "no_decay": [], "lam": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -269,8 +269,7 @@ def param_groups(model, cfg, head="classifier"):
             groups["no_decay"].append(p)
         else:
             groups["head" if name.startswith(head + ".") else "adapter"].append(p)
-    # --lr-mult scales A and B only: the sweep tests the adapter, not the head (at the task's lr)
-    # nor λ (at its own lr)
+    # --lr-mult scales A and B only: the sweep tests the adapter, not the head nor λ
     settings = {"adapter": (cfg.lr * cfg.lr_mult, WEIGHT_DECAY), "head": (cfg.lr, WEIGHT_DECAY),
                 "no_decay": (cfg.lr, 0.0), "lam": (cfg.lam_lr, WEIGHT_DECAY)}
     return [dict(name=name, params=params, lr=settings[name][0], weight_decay=settings[name][1])
@@ -278,12 +277,11 @@ def param_groups(model, cfg, head="classifier"):
 
 
 def linear_schedule(total_steps):
-    """The learning-rate factor of each step, the official script's schedule exactly: it passes
-    `num_warmup_steps = 0.06 * total` -- a fraction, not rounded -- to the reference library's
-    linear schedule, so the factor rises as step / (0.06 total) while step < 0.06 total, then
-    falls linearly to 0 at `total_steps`. E.g. 60 steps: warmup 3.6, so steps 0-3 get 0, 1/3.6,
-    2/3.6, 3/3.6, step 4 gets 56/56.4 (the peak, 1, is never reached exactly); an int(3.6) = 3
-    would give every step but the first and the last another factor."""
+    """The learning-rate factor of each step, the official script's schedule exactly: it gives
+    `num_warmup_steps = 0.06 * total`, a fraction, to transformers' linear schedule: step /
+    (0.06 total) below it, then down to 0 linearly. E.g. 60 steps: warmup 3.6; steps 0-3 get 0,
+    1/3.6, 2/3.6, 3/3.6, step 4 gets 56/56.4 (the peak, 1, never exactly). An int warmup, 3,
+    would change every step but the first (step 59 too: 1/57, not 1/56.4)."""
     warmup = WARMUP * total_steps  # a float, as the official code computes it
 
     def factor(step):
@@ -294,9 +292,9 @@ def linear_schedule(total_steps):
 
 
 def decay_alone(cfg, schedule, steps):
-    """What AdamW's weight decay alone makes of λ over the run's first `steps` steps, as if its
-    gradient were 0: λ₀ · Π_s (1 − lr_λ · f(s) · WEIGHT_DECAY), f the schedule -- the line that
-    λ's recorded values are read against (report.py's lambda.png). {} for LoRA (no λ)."""
+    """λ after the run's first `steps` steps under AdamW's weight decay alone (gradient 0):
+    λ₀ · Π_s (1 − lr_λ · f(s) · WEIGHT_DECAY), f the schedule; report.py's lambda.png reads λ
+    against it. {} for LoRA (no λ)."""
     if cfg.method != "delora":
         return {}
     lam = float(cfg.lam)
@@ -306,8 +304,7 @@ def decay_alone(cfg, schedule, steps):
 
 
 def train_step(model, optimizer, batch, bf16=False, weight=1.0):
-    """Forward, backward, optimizer step; returns the loss x weight (the shard's weight under
-    torchrun, run.Dist.shard), still on the device (no sync)."""
+    """Forward, backward, optimizer step; returns loss x weight (Dist.shard) on the device."""
     loss = loss_fn(logits_of(model, batch, bf16), batch["labels"]) * weight
     loss.backward()
     optimizer.step()
@@ -322,8 +319,7 @@ def logits_of(model, batch, bf16=False):
 
 
 def loss_fn(logits, labels):
-    """Cross-entropy, or MSE for a single output (STS-B regression); in fp32 at least (bf16
-    logits are cast up, a float64 model keeps float64)."""
+    """Cross-entropy, or MSE for one output (STS-B); in fp32 at least (float64 stays)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
@@ -332,23 +328,19 @@ def loss_fn(logits, labels):
 
 def evaluate(model, enc, cfg):
     """The task's metrics on an encoded split: {'accuracy': ...}, selection metric first."""
-    preds = predict(model, enc, cfg.eval_batch_size, cfg.bf16)
-    return compute_metrics(cfg.task, preds, enc.labels)
+    return compute_metrics(cfg.task, predict(model, enc, cfg.eval_batch_size, cfg.bf16),
+                           enc.labels)
 
 
 @torch.inference_mode()
 def predict(model, enc, batch_size=128, bf16=False):
     """Predictions for an encoded split, on the model's device: class ids, or scores for
-    regression. Batches are formed longest-first (less padding; padding does not change a
-    prediction)."""
+    regression; batches formed longest-first (padding does not change a prediction)."""
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort(-enc.lengths, kind="stable")
-    out = []
-    for i in range(0, len(order), batch_size):
-        batch = to_device(enc.batch(order[i:i + batch_size]), device)
-        out.append(logits_of(model, batch, bf16).float())
-    logits = torch.cat(out).cpu()
+    logits = torch.cat([logits_of(model, enc.batch(order[i:i + batch_size], device), bf16)
+                        .float() for i in range(0, len(order), batch_size)]).cpu()
     preds = (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).numpy()
     result = np.empty_like(preds)
     result[order] = preds                                     # back to the split's order
@@ -370,26 +362,37 @@ def parse_args(argv):
                       "RUN.json TEXT [TEXT_B]\n       report.py [OUT_DIR]                 "
                       "torchrun --nproc_per_node=N train.py TASK SEED")
     args = p.add_settings(TrainConfig).parse_args(argv)
-    if args.data is not None and not Path(args.data).is_dir():
-        p.error(f"--data {args.data}: no such folder")
+    problem = args.data is not None and not_a_folder(os.path.expanduser(args.data))
+    if problem:
+        p.error(f"--data {args.data}: {problem}")
     try:
-        return TrainConfig(**vars(args))
+        cfg = TrainConfig(**vars(args))
+        if cfg.save_merged:  # checked now, not after the run
+            check_export_folder(cfg.save_merged, "--save-merged", run_name(cfg), cfg.overwrite,
+                                (("logs", cfg.out_dir), ("model", cfg.model), ("data", cfg.data)))
+        return cfg
     except ValueError as e:
         p.error(str(e))
 
 
-MOVED = {"--report": "python report.py OUT_DIR [--plots DIR]",
-         "--predict": "python predict.py RUN.json TEXT [TEXT_B]"}
+def plan(argv):
+    """One train.py command per line for Table 4 (8 tasks x seeds 42-46 x DeLoRA/LoRA = 80), for
+    xargs -P, GNU parallel or a SLURM array (`sed -n "${ID}p"`). Options after the plan's name
+    are added to every line, and checked first."""
+    if argv[:1] != ["table4"]:
+        raise UsageError("--plan needs a plan: table4 (then options for every run)")
+    runs = [[task, str(seed), "--method", method, *argv[1:]] for task in TASKS
+            for seed in range(42, 47) for method in ("delora", "lora")]
+    for args in runs:
+        parse_args(args)  # a bad option fails here, not in 80 jobs
+    say("\n".join(lines := [shlex.join(["python", "train.py", *args]) for args in runs]))
+    return lines
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     with command_line("train.py"):  # errors as one line, exit codes, the process group closed
-        if argv[:1] and argv[0] in MOVED:
-            raise UsageError(f"{argv[0]} moved: {MOVED[argv[0]]}")
-        if argv[:1] == ["--plan"]:
-            return plan_main(argv[1:], parse_args)
-        return train(parse_args(argv))
+        return plan(argv[1:]) if argv[:1] == ["--plan"] else train(parse_args(argv))
 
 
 if __name__ == "__main__":
