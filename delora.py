@@ -30,6 +30,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"rank r must be >= 1, got {r}")
         self.base, self.r, self.merged = base.requires_grad_(False), r, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.factors_now = None  # set for one forward of a model by `add_adapters`' hook
 
     def forward(self, x):
         y = self.base(x)
@@ -37,7 +38,7 @@ class AdapterLinear(nn.Module):
             return y
         # Equal to y + x @ delta_weight().T, but O(tokens·d·r): two thin products, never the
         # (out, in) matrix -- (x @ down.T) is (..., rank).
-        up, down = self.factors()
+        up, down = self.factors() if self.factors_now is None else self.factors_now
         return y + (self.dropout(x) @ down.T) @ up.T                       # (..., out)
 
     @torch.no_grad()
@@ -53,7 +54,7 @@ class AdapterLinear(nn.Module):
         """Fold ΔW into base.weight: the same outputs, no adapter cost at inference."""
         if self.merged:
             raise RuntimeError("already merged")
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight += self.exact_delta()
         self.merged = True
 
     @torch.no_grad()
@@ -61,8 +62,15 @@ class AdapterLinear(nn.Module):
         """Take ΔW back out of base.weight (the inverse of merge, up to float rounding)."""
         if not self.merged:
             raise RuntimeError("not merged")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight -= self.exact_delta()
         self.merged = False
+
+    def exact_delta(self):
+        """ΔW for merge and unmerge: up @ down in float64, rounded once to the weight's dtype
+        (the factors hold DeLoRA's two terms' difference already; in float64 no TF32 or bf16
+        matmul rounds it)."""
+        up, down = self.factors()
+        return (up.double() @ down.double()).to(self.base.weight.dtype)
 
 
 class DeLoRALinear(AdapterLinear):
@@ -127,6 +135,13 @@ class DeLoRALinear(AdapterLinear):
         # (in,), fixed now; computed in fp32 at least (a bf16 W's norms in bf16 would be coarse)
         exact = torch.promote_types(W.dtype, torch.float32)
         self.register_buffer("w", W.detach().to(exact).norm(dim=0).to(W.dtype))
+        # Ξ₀ A₀ ⊙ w, (r, in): fixed as long as A₀, B₀, w are, so computed once, not each step
+        # (again after a state dict is loaded); not saved, since A₀, B₀, w are
+        self.register_buffer("frozen", unit_terms(self.A0, self.B0, self.w), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # A₀, B₀, w loaded: Ξ₀ A₀ ⊙ w anew
+        super()._load_from_state_dict(*args, **kwargs)
+        self.frozen = unit_terms(self.A0, self.B0, self.w)
 
     @staticmethod
     def xi(A, B):
@@ -141,19 +156,58 @@ class DeLoRALinear(AdapterLinear):
 
     def factors(self):
         """ΔW = up @ down, with rank 2r:  up = (λ/r)[B − B₀, B₀],  down = [Ξ A; Ξ A − Ξ₀ A₀] ⊙ w.
-        Multiplied out: (λ/r)((B − B₀) Ξ A + B₀ (Ξ A − Ξ₀ A₀)) ⊙ w = ΔW. Both blocks are exactly
-        zero at init, so the layer starts exactly at the pretrained one. Computed in the
-        parameters' dtype (fp32), also under bf16 autocast; only the products below are cast."""
-        P = self.xi(self.A, self.B)[:, None] * self.A                      # Ξ A   (r, in)
-        P0 = self.xi(self.A0, self.B0)[:, None] * self.A0                  # Ξ₀ A₀ (r, in)
-        down = torch.cat([P, P - P0]) * self.w                             # (2r, in)
-        up = torch.cat([self.B - self.B0, self.B0], dim=1) * (self.lam / self.r)  # (out, 2r)
-        return up, down
+        Multiplied out: (λ/r)((B − B₀) Ξ A + B₀ (Ξ A − Ξ₀ A₀)) ⊙ w = ΔW. The differences are taken
+        before any product: at init B − B₀ and Ξ A − Ξ₀ A₀ are exactly zero (the layer starts
+        exactly at the pretrained one), and while small they stay accurate, also when the
+        products run in TF32 or bf16 (no near-cancelling sums inside a matmul). Computed in the
+        parameters' dtype (fp32), also under bf16 autocast; only the products are cast."""
+        return factors_of(self.A, self.B, self.lam, self.B0, self.frozen, self.w, self.r)
 
     @torch.no_grad()
     def bound(self):
         """The ball ΔW cannot leave, whatever A and B do: ‖ΔW‖_F ≤ 2|λ|·max_j w_j."""
         return float(2 * self.lam.abs() * self.w.max())
+
+
+def unit_terms(A, B, w):
+    """Ξ A ⊙ w: row a_i of A divided by ‖b_i‖ ‖a_i‖ (each clamped at NORM_EPS), column j times
+    w_j. A (..., r, in), B (..., out, r), w (..., in): one layer, or many stacked."""
+    norms = B.norm(dim=-2).clamp_min(NORM_EPS) * A.norm(dim=-1).clamp_min(NORM_EPS)  # (..., r)
+    return A * w[..., None, :] / norms[..., None]                                 # (..., r, in)
+
+
+def factors_of(A, B, lam, B0, frozen, w, r):
+    """DeLoRALinear.factors for one layer, or for many at once along a leading axis (lam: (...,),
+    frozen: Ξ₀ A₀ ⊙ w as A): up (..., out, 2r), down (..., 2r, in)."""
+    down = unit_terms(A, B, w)                                                    # Ξ A ⊙ w
+    down = torch.cat([down, down - frozen], dim=-2)                               # (..., 2r, in)
+    up = torch.cat([B - B0, B0], dim=-1) * (lam / r)[..., None, None]             # (..., out, 2r)
+    return up, down
+
+
+def factors_together(model, inputs=None):
+    """Before a model's forward: every DeLoRA layer's factors in one set of kernels, the same
+    equation with a leading axis over the layers of one shape (so a step's kernels no longer
+    grow with the number of layers; bench.py --count-ops). The frozen terms are computed here
+    by the same stacked call as the trained ones, so that at init their difference is exactly
+    zero on any device."""
+    groups = {}
+    for m in model.modules():
+        if isinstance(m, DeLoRALinear) and not m.merged:
+            groups.setdefault((m.A.shape, m.B.shape, m.A.dtype, m.A.device), []).append(m)
+    for layers in groups.values():
+        A, B, lam, A0, B0, w = (torch.stack([getattr(m, k) for m in layers])
+                                for k in ("A", "B", "lam", "A0", "B0", "w"))
+        up, down = factors_of(A, B, lam, B0, unit_terms(A0, B0, w), w, layers[0].r)
+        for m, factors in zip(layers, zip(up.unbind(0), down.unbind(0))):
+            m.factors_now = factors
+
+
+def factors_done(model, inputs=None, output=None):
+    """After a model's forward: each layer's factors are its own again (DeLoRALinear.factors)."""
+    for m in model.modules():
+        if isinstance(m, DeLoRALinear):
+            m.factors_now = None
 
 
 class LoRALinear(AdapterLinear):
@@ -197,6 +251,9 @@ def add_adapters(model, method="delora", targets=("query", "value"), r=8, lam=4.
         base = getattr(parent, child)
         setattr(parent, child, ADAPTERS[method](base, r, dropout=dropout, **strength))
     model.get_submodule(head).requires_grad_(True)
+    if method == "delora":  # all layers' factors at once, before each forward of the model
+        model.register_forward_pre_hook(factors_together)
+        model.register_forward_hook(factors_done)
     return model
 
 

@@ -227,7 +227,13 @@ def _label(spec, value, where):
 
 
 def _checked(spec, ds, name):
-    """A hub or save_to_disk split, checked: it has examples, and every label is valid."""
+    """A hub or save_to_disk split, checked: it has the task's columns, texts as text, examples,
+    and every label valid."""
+    for column in (*spec.text_keys, "label"):
+        if column not in ds.column_names:
+            raise ValueError(f"{name} has no column {column!r} (it has {ds.column_names})")
+        if column != "label" and getattr(ds.features[column], "dtype", None) != "string":
+            raise ValueError(f"{name}: column {column!r} holds {ds.features[column]}, not text")
     if len(ds) == 0:
         raise ValueError(f"{name} has no examples")
     for i, value in enumerate(ds["label"]):
@@ -267,8 +273,11 @@ class Encoded:
             input_ids[row, :n] = torch.tensor(self.ids[i])
             token_type_ids[row, :n] = torch.tensor(self.type_ids[i])
             attention_mask[row, :n] = 1
+        # rows: the real tokens' places in the flattened (B*T) batch, found here on the CPU, so
+        # that the encoder, which computes only them (roberta.Tokens), never waits for a GPU
         batch = dict(input_ids=input_ids, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, labels=torch.from_numpy(self.labels[idx]))
+                     token_type_ids=token_type_ids, labels=torch.from_numpy(self.labels[idx]),
+                     rows=attention_mask.flatten().nonzero().squeeze(1))
         return batch if device is None else to_device(batch, device)
 
 

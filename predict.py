@@ -21,7 +21,8 @@ import torch
 from delora import add_adapters, load_adapter_state_dict, merge_adapters
 from glue import TASKS, Encoded, get_task
 from roberta import check_max_length, from_pretrained, load_tokenizer, resolve, save_pretrained
-from glue import Parser, UsageError, check_writable, remove_stale, say, user_errors, write_atomic
+from glue import Parser, UsageError, check_writable, not_a_folder, remove_stale, say
+from glue import user_errors, write_atomic
 from run import command_line
 
 BUILD = ("task", "model", "method", "r", "lam", "alpha", "dropout", "max_length")  # the model's
@@ -49,8 +50,11 @@ def load_finetuned(run_json):
                          f"{', '.join(BUILD)})")
     cfg, adapter = SimpleNamespace(**s), run_json.with_name(f"{summary['run_name']}"
                                                              f"_adapter.safetensors")
+    done = f"{len(summary.get('epochs') or [])} of {s.get('epochs')} epoch(s)"
     if not adapter.is_file():
-        raise UsageError(f"no adapter {adapter} beside {run_json}")
+        raise UsageError(f"no adapter {adapter} beside {run_json}" + (
+            f" (the run is {summary.get('status')} after {done})" * (summary.get("status") !=
+                                                                        "finished")))
     try:
         with safe_open(str(adapter), "pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -62,8 +66,7 @@ def load_finetuned(run_json):
         raise UsageError(f"{adapter} is another run's adapter (its {', '.join(differ)} differ "
                          f"from {run_json}'s): copy that run's JSON with it, or train this one")
     if summary.get("status") != "finished":
-        say(f"predict.py: note: {run_json} is {summary.get('status')} after "
-            f"{len(summary.get('epochs') or [])} of {s.get('epochs')} epoch(s): its best "
+        say(f"predict.py: note: {run_json} is {summary.get('status')} after {done}: its best "
             f"adapter so far is used", err=True)
     spec = get_task(cfg.task)
     with user_errors():  # the model folder may have gone, or hold another model
@@ -150,6 +153,9 @@ def check_export_folder(folder, option, run, overwrite=False, holds=()):
     reads or writes (`holds`: (what, path)), and, unless overwrite, empty or an export of this
     run. A link to a folder: that folder."""
     given = Path(folder)
+    problem = given.is_symlink() and not_a_folder(given)
+    if problem and problem != "no such folder":  # a link loop, a link to a file
+        raise UsageError(f"{option} {given}: {problem}")
     path = given.resolve() if given.is_symlink() else given
     if os.path.ismount(path):
         raise UsageError(f"{option} {given} is a mount point: the export replaces its folder as "
@@ -190,8 +196,10 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
-        if not Path(args.run_json).is_file():
-            raise UsageError(f"{args.run_json}: no such file")
+        if not Path(args.run_json).is_file():  # what is there instead, in words
+            problem = not_a_folder(args.run_json)
+            raise UsageError(f"{args.run_json}: " + ("a folder, not a run's JSON" if not problem
+                                                     else problem.replace("folder", "file")))
         if args.text is None and not args.save_merged:
             raise UsageError("give TEXT (and TEXT_B) to score, or --save-merged DIR to export")
         for i, text in enumerate(t for t in (args.text, args.text_b) if t is not None):

@@ -19,12 +19,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from glue import files_tag
+from glue import files_tag, not_a_folder
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")  # positions offset by pad id, as RoBERTa
 BERT_TYPES = ("bert",)
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> approx
+# The attention kernels we trust: flash (no mask), memory-efficient (with our padding mask), the
+# math fallback. Not cuDNN's, the default on H100s: with a mask its backward gives NaN query
+# gradients when the length is 64 mod 128 (pytorch/pytorch#196678, since torch 2.11), where the
+# memory-efficient and math kernels are clean on the same inputs.
+TRUSTED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -93,14 +99,16 @@ class Tokens:
         self.rows, self.key_mask, self.batch, self.length = rows, key_mask, batch, length
 
     @classmethod
-    def of(cls, attention_mask, B, T, keep_padding=False):
+    def of(cls, attention_mask, B, T, keep_padding=False, rows=None):
+        """rows: given with the batch (glue.Encoded.batch, made on the CPU), or found here with
+        `nonzero`, which waits for the device (a host sync)."""
         if attention_mask is None:  # nothing is padding
             return cls(None, None, B, T)
         real = attention_mask.bool()                                       # (B, T)
         key_mask = real[:, None, None, :]                                  # (B, 1, 1, T)
         if keep_padding:
             return cls(None, key_mask, B, T)
-        rows = real.flatten().nonzero().squeeze(1)  # (N,): the one host sync of a forward
+        rows = real.flatten().nonzero().squeeze(1) if rows is None else rows       # (N,)
         if len(rows) == B * T:  # no padding in this batch: no gather, no mask
             return cls(None, None, B, T)
         return cls(rows, key_mask, B, T)
@@ -171,8 +179,9 @@ class SelfAttention(nn.Module):
         # (T x T) mask is materialized. None (no padding) lets SDPA pick the flash kernel.
         # Padded query rows are computed here and dropped just below: attention is the one
         # place that needs the (B, T) layout.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        with sdpa_kernel(TRUSTED_SDPA):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask, dropout_p=(
+                self.attn_dropout if self.training else 0.0))
         y = tokens.unpad(y.transpose(1, 2).reshape(B * T, C))            # (N, C)
         return self.LayerNorm(x + self.dropout(self.dense(y)))
 
@@ -229,26 +238,32 @@ class RobertaClassifier(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False):
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False,
+               rows=None):
         """The encoder's last hidden states, (batch, seq, hidden).
 
-        Only the real tokens are computed; padding positions hold zeros. keep_padding=True
-        computes every position of the (B, T) batch, padding included: the plain padded
-        computation, kept as the reference that the tests and bench.py compare against (equal
-        at the real tokens up to float rounding)."""
+        Only the real tokens are computed (rows: their flat positions, if the batch brings
+        them); padding positions hold zeros. keep_padding=True computes every position of the
+        (B, T) batch, padding included: the plain padded computation, kept as the reference
+        that the tests and bench.py compare against (equal at the real tokens up to rounding)."""
         B, T = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        tokens = Tokens.of(attention_mask, B, T, keep_padding)
+        tokens = Tokens.of(attention_mask, B, T, keep_padding, rows)
         x = self.embeddings(input_ids, token_type_ids, tokens)             # (N, C)
         for layer in self.layers:
             x = layer(x, tokens)                                           # (N, C)
         return tokens.pad(x).view(B, T, -1)                                # (B, T, C)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False):
-        """input_ids, attention_mask (1 = token, 0 = pad): (B, T) -> logits (B, num_labels)."""
-        return self.classifier(self.encode(input_ids, attention_mask, token_type_ids,
-                                           keep_padding))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, keep_padding=False,
+                rows=None):
+        """input_ids, attention_mask (1 = token, 0 = pad): (B, T) -> logits (B, num_labels).
+        The head runs in fp32 (or the model's dtype, if wider) also under bf16 autocast: its
+        logits are what the loss, the predictions and STS-B's scores are made of."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, keep_padding, rows)
+        dtype = self.classifier.out_proj.weight.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.classifier(hidden.to(torch.promote_types(dtype, torch.float32)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,9 +373,11 @@ def resolve(name_or_path, kind):
                 return path / f
         raise FileNotFoundError(f"{path} has none of {wanted}: a checkpoint directory needs "
                                 f"{' or '.join(wanted)}")
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise FileNotFoundError(f"{name_or_path} is not a directory: pass a local checkpoint "
-                                f"directory (with {' or '.join(wanted)}) or a hub id")
+    problem = not_a_folder(path)  # 'no such folder', 'a file, ...', a link loop, ...
+    if problem != "no such folder" or name_or_path.startswith((".", "/", "~")) or \
+            name_or_path.count("/") > 1:  # a local path, not a hub id
+        raise FileNotFoundError(f"{name_or_path} is not a directory ({problem}): pass a local "
+                                f"checkpoint directory (with {' or '.join(wanted)}) or a hub id")
     from huggingface_hub import errors, hf_hub_download
     absent = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     try:
@@ -379,7 +396,7 @@ def resolve(name_or_path, kind):
     raise FileNotFoundError(
         f"{name_or_path!r} is no local directory and {wanted[0]} could not be fetched from the "
         f"Hugging Face hub ({error}); offline, pass a local directory with "
-        f"{' or '.join(wanted)} instead")
+        f"{' or '.join(wanted)} as --model instead")
 
 
 def checkpoint_tag(name_or_path):
@@ -406,6 +423,8 @@ def reading(path):
         raise
     except Exception as e:
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "allocate memory" in cause or "out of memory" in cause:  # the machine's, not the file's
+            raise MemoryError(f"reading {path}: {cause}") from None
         raise ValueError(f"{path} cannot be read ({cause}): a damaged or incomplete file "
                          f"(fetch it again)") from None
 

@@ -105,8 +105,9 @@ class Dist:
         cuda = name.startswith("cuda")
         self.device = torch.device(f"cuda:{self.local_rank}" if cuda and (self.world > 1 or
                                                                           name == "cuda") else name)
-        if cuda:
+        if cuda:  # TF32 for float32 matmuls, as users expect (DeLoRA's stay exact: speed.md)
             torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=PEER_TIMEOUT)
         return self.device
@@ -562,11 +563,11 @@ def command_line(prog):
         code = 128 + e.signum if isinstance(e, Interrupted) else 1
         if rank and not (getattr(e, "everywhere", False) or getattr(e, "loading", False)):
             raise SystemExit(code)  # rank 0 says it
+        detail = f" ({e})" if str(e) else ""
         line = f"{prog}: {f'rank {rank}: ' * bool(rank)}" + (
             str(e) if isinstance(e, Interrupted) else "stopped at once (Ctrl-C)" if isinstance(
-                e, KeyboardInterrupt) else f"error: out of memory while loading ({str(e) or 'a '}"
-            f"MemoryError): free memory, or lower --max-length" if isinstance(e, MemoryError)
-            else f"error: {e}")
+                e, KeyboardInterrupt) else f"error: out of memory while loading{detail}: free "
+            f"memory, or lower --max-length" if isinstance(e, MemoryError) else f"error: {e}")
         if code == 1:
             raise SystemExit(line)
         say(line, err=True, everywhere=True)

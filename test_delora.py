@@ -1286,10 +1286,11 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
     data = write_rte(tmp_path / "glue", n_train=64)
     build, dtypes, padding = train.build_model, set(), []
 
-    def build_with_hook(*args, **kwargs):
+    def build_with_hook(*args, **kwargs):  # what an encoder matmul and the head compute in
         model = build(*args, **kwargs)
-        model.classifier.out_proj.register_forward_hook(
-            lambda m, i, out: dtypes.add(out.dtype) if m.training else None)
+        for part in (model.layers[0].intermediate, model.classifier.out_proj):
+            part.register_forward_hook(lambda m, i, out: dtypes.add(
+                (m is model.classifier.out_proj, out.dtype)) if m.training else None)
         return model
     step = train.train_step
 
@@ -1305,7 +1306,8 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
         run_cli("rte", 0, "--model", ckpt, "--data", data, "--epochs", 1, "--batch-size", 8,
                 "--out-dir", tmp_path / "_".join(flags), *flags)
         results[flags] = (set(dtypes), float(np.mean(padding)))
-    assert results[()][0] == {torch.float32} and results[("--bf16",)][0] == {torch.bfloat16}
+    assert results[()][0] == {(False, torch.float32), (True, torch.float32)}
+    assert results[("--bf16",)][0] == {(False, torch.bfloat16), (True, torch.float32)}  # head
     assert results[("--group-by-length",)][1] < 0.5 * results[()][1]
 
 

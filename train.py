@@ -200,7 +200,7 @@ def train(cfg: TrainConfig):
             f"+ {n['trainable'] - n['adapter']:,} head of {n['total']:,}")
 
         # 3. AdamW with λ in its own group at its own rate; linear warmup and decay over all
-        optimizer = torch.optim.AdamW(param_groups(model, cfg))
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), fused=run.device.type == "cuda")
         per_epoch = math.ceil(len(enc["train"]) / cfg.batch_size)
         schedule = linear_schedule(cfg.epochs * per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -315,7 +315,8 @@ def train_step(model, optimizer, batch, bf16=False, weight=1.0):
 def logits_of(model, batch, bf16=False):
     """The model's logits for a batch dict (from Encoded.batch), under bf16 autocast if asked."""
     with torch.autocast(batch["input_ids"].device.type, torch.bfloat16, enabled=bf16):
-        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                     rows=batch.get("rows"))
 
 
 def loss_fn(logits, labels):

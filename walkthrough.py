@@ -408,10 +408,9 @@ def three(lam=12.0):
     forms = {"a: paper, λ₀": PaperDeLoRALinear(base, r, lam), "b: official, λ (ours)":
              DeLoRALinear(base, r, lam), "c: PEFT, B = 0": PEFTDeLoRALinear(base, r, lam)}
     a, b = forms["a: paper, λ₀"], forms["b: official, λ (ours)"]
-    with torch.no_grad():
-        for f in forms.values():
-            for name in ("A", "A0") + (("B", "B0") if f is not forms["c: PEFT, B = 0"] else ()):
-                getattr(f, name).copy_(getattr(a, name))
+    for f in forms.values():  # through load_state_dict: it refreshes the cached Ξ₀ A₀ ⊙ w
+        names = ("A", "A0") + (("B", "B0") if f is not forms["c: PEFT, B = 0"] else ())
+        f.load_state_dict({**f.state_dict(), **{n: getattr(a, n) for n in names}})
     assert torch.equal(a.B, b.B) and torch.equal(a.A0, b.A0)
     return forms
 
