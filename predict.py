@@ -4,6 +4,7 @@ and <run>_adapter.safetensors beside it) and the pretrained checkpoint, on the C
     python predict.py .logs/FacebookAI_roberta-base/rte/<run>.json "A man is eating." "A man eats."
     {"task": "rte", "prediction": 0, "probabilities": [0.91, 0.09]}
     python predict.py RUN.json --save-merged DIR    # a plain HF checkpoint, adapters merged
+    python predict.py RUN.json --save-peft DIR      # an exact PEFT LoRA adapter (rank 2r)
 
     from predict import load_finetuned, predict_texts
     model, tokenizer, cfg = load_finetuned(".logs/FacebookAI_roberta-base/rte/<run>.json")
@@ -12,15 +13,17 @@ and <run>_adapter.safetensors beside it) and the pretrained checkpoint, on the C
 import json
 import os
 import sys
+from contextlib import suppress
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from delora import add_adapters, load_adapter_state_dict, merge_adapters
+from delora import adapters, add_adapters, load_adapter_state_dict, merge_adapters
 from glue import TASKS, Encoded, get_task
-from roberta import check_max_length, from_pretrained, load_tokenizer, resolve, save_pretrained
+from roberta import check_max_length, checkpoint_key, from_pretrained, load_tokenizer, resolve
+from roberta import save_pretrained
 from glue import Parser, UsageError, check_writable, not_a_folder, remove_stale, say
 from glue import user_errors, write_atomic
 from run import command_line
@@ -141,11 +144,15 @@ def cut(tokenizer, text, text_b=None, slack=64):
 # Export
 
 def export_of(path):
-    """The run whose export the folder holds (its config.json's delora_run), or None."""
-    try:
+    """The run whose export the folder holds (a merged one's config.json, a PEFT one's weights'
+    metadata: delora_run), or None."""
+    from safetensors import safe_open
+    with suppress(OSError, ValueError, AttributeError):
         return json.loads((Path(path) / "config.json").read_text()).get("delora_run")
-    except (OSError, ValueError, AttributeError):
-        return None
+    with suppress(Exception):
+        with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+            return (f.metadata() or {}).get("delora_run")
+    return None
 
 
 def check_export_folder(folder, option, run, overwrite=False, holds=()):
@@ -185,6 +192,38 @@ def export_merged(model, folder, run, pretrained):
     say(f"merged model written to {folder}")
 
 
+def export_peft(model, folder, run, pretrained):
+    """The run as a PEFT LoRA adapter for `pretrained`, exactly: each adapter's ΔW = up @ down
+    (DeLoRA: rank 2r, its λ/r, Ξ and w inside the factors; LoRA: rank r, α/r inside up) as
+    lora_B @ lora_A with scale lora_alpha / r = 1, and the head as PEFT saves a module it trains
+    in full (modules_to_save), all under transformers' names. Loaded with PEFT's
+    PeftModel.from_pretrained over that checkpoint, it gives the run's logits (to rounding)."""
+    from safetensors.torch import save
+    cfg, state, targets = model.config, {}, set()
+    for name, m in adapters(model):
+        up, down = (t.detach().double() for t in m.factors())  # (out, k), (k, in)
+        where = "base_model.model." + checkpoint_key(f"{name}.weight", cfg, False)[:-len("weight")]
+        state.update({where + "lora_A.weight": down.float(), where + "lora_B.weight": up.float()})
+        targets.add(name.rsplit(".", 1)[-1])
+    for key, t in model.classifier.state_dict().items():
+        state["base_model.model." + checkpoint_key(f"classifier.{key}", cfg, False)] = t.float()
+    config = dict(peft_type="LORA", task_type="SEQ_CLS", base_model_name_or_path=str(pretrained),
+                  r=up.shape[1], lora_alpha=up.shape[1], target_modules=sorted(targets),
+                  lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False,
+                  use_dora=False, init_lora_weights=True, inference_mode=True,  # BERT: pooler
+                  modules_to_save=["classifier"] + ["pooler"] * (not cfg.is_roberta))
+
+    def write(tmp):
+        tmp.mkdir()
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "adapter_model.safetensors").write_bytes(save(
+            {k: v.contiguous() for k, v in state.items()}, metadata=dict(format="pt",
+                                                                          delora_run=run)))
+    remove_stale(folder)
+    write_atomic(folder, write)
+    say(f"PEFT LoRA adapter (rank {up.shape[1]}, scale 1) written to {folder}")
+
+
 def main(argv=None):
     p = Parser(prog="predict.py", description="Score a sentence (pair) with a finished run, "
                                               "or export it.")
@@ -193,6 +232,8 @@ def main(argv=None):
     p.add_argument("text_b", nargs="?", help="the second sentence, for pair tasks")
     p.add_argument("--save-merged", metavar="DIR", help="write the model, adapters merged, as a "
                    "HF checkpoint into DIR")
+    p.add_argument("--save-peft", metavar="DIR", help="write the adapters and the head as an exact "
+                   "PEFT LoRA adapter into DIR")
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
@@ -200,8 +241,9 @@ def main(argv=None):
             problem = not_a_folder(args.run_json)
             raise UsageError(f"{args.run_json}: " + ("a folder, not a run's JSON" if not problem
                                                      else problem.replace("folder", "file")))
-        if args.text is None and not args.save_merged:
-            raise UsageError("give TEXT (and TEXT_B) to score, or --save-merged DIR to export")
+        if args.text is None and not (args.save_merged or args.save_peft):
+            raise UsageError("give TEXT (and TEXT_B) to score, or --save-merged DIR or "
+                             "--save-peft DIR to export")
         for i, text in enumerate(t for t in (args.text, args.text_b) if t is not None):
             try:
                 text.encode()
@@ -209,10 +251,15 @@ def main(argv=None):
                 raise UsageError(f"TEXT{'_B' * i} is not UTF-8 text (at character {e.start})") \
                     from None
         model, tokenizer, cfg = load_finetuned(args.run_json)
-        if args.save_merged:
-            check_export_folder(args.save_merged, "--save-merged", cfg.run_name, args.overwrite,
+        exports = [(o, d, f) for o, d, f in (("--save-peft", args.save_peft, export_peft),
+                                             ("--save-merged", args.save_merged, export_merged)) if d]
+        for option, folder, _ in exports:  # both checked before either is written
+            check_export_folder(folder, option, cfg.run_name, args.overwrite,
                                 (("logs", Path(args.run_json).parent), ("model", cfg.model)))
-            return export_merged(model, args.save_merged, cfg.run_name, cfg.model)
+        for _, folder, export in exports:  # merging last: it changes the model
+            export(model, folder, cfg.run_name, cfg.model)
+        if exports:
+            return None
         b = None if args.text_b is None else [args.text_b]
         preds, probs = predict_texts(model, tokenizer, cfg.task, [args.text], b)
         say(json.dumps(dict(task=cfg.task, prediction=preds[0],
