@@ -135,13 +135,13 @@ class DeLoRALinear(AdapterLinear):
         # (in,), fixed now; computed in fp32 at least (a bf16 W's norms in bf16 would be coarse)
         exact = torch.promote_types(W.dtype, torch.float32)
         self.register_buffer("w", W.detach().to(exact).norm(dim=0).to(W.dtype))
-        # Ξ₀ A₀ ⊙ w, (r, in): fixed as long as A₀, B₀, w are, so computed once, not each step
-        # (again after a state dict is loaded); not saved, since A₀, B₀, w are
-        self.register_buffer("frozen", unit_terms(self.A0, self.B0, self.w), persistent=False)
+        # Ξ₀ A₀, (r, in): fixed as long as A₀ and B₀ are, so computed once, not each step (again
+        # after a state dict is loaded); not saved, since A₀ and B₀ are
+        self.register_buffer("frozen", unit_terms(self.A0, self.B0), persistent=False)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # A₀, B₀, w loaded: Ξ₀ A₀ ⊙ w anew
+    def _load_from_state_dict(self, *args, **kwargs):  # A₀, B₀ loaded: Ξ₀ A₀ anew
         super()._load_from_state_dict(*args, **kwargs)
-        self.frozen = unit_terms(self.A0, self.B0, self.w)
+        self.frozen = unit_terms(self.A0, self.B0)
 
     @staticmethod
     def xi(A, B):
@@ -169,18 +169,18 @@ class DeLoRALinear(AdapterLinear):
         return float(2 * self.lam.abs() * self.w.max())
 
 
-def unit_terms(A, B, w):
-    """Ξ A ⊙ w: row a_i of A divided by ‖b_i‖ ‖a_i‖ (each clamped at NORM_EPS), column j times
-    w_j. A (..., r, in), B (..., out, r), w (..., in): one layer, or many stacked."""
-    norms = B.norm(dim=-2).clamp_min(NORM_EPS) * A.norm(dim=-1).clamp_min(NORM_EPS)  # (..., r)
-    return A * w[..., None, :] / norms[..., None]                                 # (..., r, in)
+def unit_terms(A, B):
+    """Ξ A: row a_i of A divided by ‖b_i‖ ‖a_i‖ (each norm clamped at NORM_EPS). A (..., r, in),
+    B (..., out, r): one layer, or many stacked along a leading axis."""
+    xi = 1.0 / (B.norm(dim=-2).clamp_min(NORM_EPS) * A.norm(dim=-1).clamp_min(NORM_EPS))  # (.., r)
+    return xi[..., None] * A                                                      # (..., r, in)
 
 
 def factors_of(A, B, lam, B0, frozen, w, r):
     """DeLoRALinear.factors for one layer, or for many at once along a leading axis (lam: (...,),
-    frozen: Ξ₀ A₀ ⊙ w as A): up (..., out, 2r), down (..., 2r, in)."""
-    down = unit_terms(A, B, w)                                                    # Ξ A ⊙ w
-    down = torch.cat([down, down - frozen], dim=-2)                               # (..., 2r, in)
+    frozen: Ξ₀ A₀ as A): up (..., out, 2r), down (..., 2r, in)."""
+    P = unit_terms(A, B)                                                          # Ξ A
+    down = torch.cat([P, P - frozen], dim=-2) * w[..., None, :]                   # (..., 2r, in)
     up = torch.cat([B - B0, B0], dim=-1) * (lam / r)[..., None, None]             # (..., out, 2r)
     return up, down
 
@@ -198,7 +198,7 @@ def factors_together(model, inputs=None):
     for layers in groups.values():
         A, B, lam, A0, B0, w = (torch.stack([getattr(m, k) for m in layers])
                                 for k in ("A", "B", "lam", "A0", "B0", "w"))
-        up, down = factors_of(A, B, lam, B0, unit_terms(A0, B0, w), w, layers[0].r)
+        up, down = factors_of(A, B, lam, B0, unit_terms(A0, B0), w, layers[0].r)
         for m, factors in zip(layers, zip(up.unbind(0), down.unbind(0))):
             m.factors_now = factors
 
