@@ -67,7 +67,8 @@ def build(config, device):
 
 def time_steps(model, batches, device, bf16=False, warmup=2):
     """Seconds per training step (median after `warmup` steps) and real tokens per second."""
-    optimizer = torch.optim.AdamW(train.param_groups(model, train.TrainConfig("rte", 0)))
+    optimizer = torch.optim.AdamW(train.param_groups(model, train.TrainConfig("rte", 0)),
+                                  fused=device.type == "cuda")  # as train.py
     model.train()
     times, tokens = [], 0
     for i, b in enumerate(batches):
@@ -123,7 +124,8 @@ def random_batches(n, batch_size, seq_len):
     return [dict(input_ids=torch.randint(3, 50000, (batch_size, seq_len), generator=g),
                  attention_mask=torch.ones(batch_size, seq_len, dtype=torch.long),
                  token_type_ids=torch.zeros(batch_size, seq_len, dtype=torch.long),
-                 labels=torch.randint(0, 2, (batch_size,), generator=g)) for _ in range(n)]
+                 labels=torch.randint(0, 2, (batch_size,), generator=g),
+                 rows=torch.arange(batch_size * seq_len)) for _ in range(n)]  # no padding
 
 
 def real_batches(task, args, batch_size, grouped):

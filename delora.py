@@ -108,9 +108,8 @@ class DeLoRALinear(AdapterLinear):
       has correlated give more, and only aligned terms reach |λ| (walkthrough section 10).
     - Scaling column j by the pretrained column norm w_j makes the update relative to the
       weights it changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen
-      term, ‖ΔW‖_F ≤ 2|λ|·max_j w_j -- a loose ball: real updates stay far inside it. From a
-      given start the frozen term is fixed (for a given λ), so a run can at most approach
-      |λ|·max_j w_j + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F, a tighter cap (walkthrough section 10).
+      term, ‖ΔW‖_F ≤ 2|λ|·max_j w_j, a loose ball; from a given start the frozen term is fixed
+      (up to λ): a run stays within |λ|·max_j w_j + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F (walkthrough, 10).
     - Subtracting the frozen copy of the initial update makes ΔW exactly 0 at the start while A
       and B are both random (kaiming-uniform), Eq. 9: zero-initializing B as LoRA does would
       put ‖b_i‖ = 0 in Ξ's denominator, and the paper found starts from a small ε unstable.
@@ -196,17 +195,27 @@ def factors_of(A, B, lam, B0, frozen, w, r):
 def factors_together(model, inputs=None):
     """Before a model's forward: every DeLoRA layer's factors in one set of kernels, the same
     equation with a leading axis over the layers of one shape (so a step's kernels no longer
-    grow with the number of layers; bench.py --count-ops). The frozen terms are computed here
-    by the same stacked call as the trained ones, so that at init their difference is exactly
-    zero on any device."""
-    groups = {}
+    grow with the number of layers; bench.py --count-ops). What never changes (B₀, w and the
+    frozen Ξ₀ A₀, stacked) is computed once and kept until a state dict is loaded into the
+    layers or they move; Ξ₀ A₀ by the same stacked call as Ξ A, so that at init their
+    difference is exactly zero on any device. (Compiled, the graph computes it each step.)"""
+    groups, kept = {}, model.__dict__.setdefault("delora_frozen", {})
     for m in model.modules():
         if isinstance(m, DeLoRALinear) and not m.merged:
             groups.setdefault((m.A.shape, m.B.shape, m.A.dtype, m.A.device), []).append(m)
-    for layers in groups.values():
-        A, B, lam, A0, B0, w = (torch.stack([getattr(m, k) for m in layers])
-                                for k in ("A", "B", "lam", "A0", "B0", "w"))
-        up, down = factors_of(A, B, lam, B0, unit_terms(A0, B0), w, layers[0].r)
+    for key, layers in groups.items():
+        stack = lambda *names: (torch.stack([getattr(m, k) for m in layers]) for k in names)
+        if torch.compiler.is_compiling():  # no Python-side cache inside a graph
+            A0, B0, w = stack("A0", "B0", "w")
+            frozen = unit_terms(A0, B0)
+        else:
+            stamp = [(t.data_ptr(), t._version) for m in layers for t in (m.A0, m.B0, m.w)]
+            if key not in kept or kept[key][0] != stamp:  # first call, or loaded, or moved
+                A0, B0, w = stack("A0", "B0", "w")
+                kept[key] = stamp, B0, unit_terms(A0, B0), w
+            _, B0, frozen, w = kept[key]
+        A, B, lam = stack("A", "B", "lam")
+        up, down = factors_of(A, B, lam, B0, frozen, w, layers[0].r)
         for m, factors in zip(layers, zip(up.unbind(0), down.unbind(0))):
             m.factors_now = factors
 

@@ -201,9 +201,9 @@ def export_peft(model, folder, run, pretrained):
     from safetensors.torch import save
     cfg, state, targets = model.config, {}, set()
     for name, m in adapters(model):
-        up, down = (t.detach().double() for t in m.factors())  # (out, k), (k, in)
+        up, down = (t.detach().float() for t in m.factors())  # (out, k), (k, in)
         where = "base_model.model." + checkpoint_key(f"{name}.weight", cfg, False)[:-len("weight")]
-        state.update({where + "lora_A.weight": down.float(), where + "lora_B.weight": up.float()})
+        state.update({where + "lora_A.weight": down, where + "lora_B.weight": up})
         targets.add(name.rsplit(".", 1)[-1])
     for key, t in model.classifier.state_dict().items():
         state["base_model.model." + checkpoint_key(f"classifier.{key}", cfg, False)] = t.float()

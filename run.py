@@ -287,7 +287,15 @@ class Steps:
 
 
 class Files:
-    """What a run writes and reads back: its logs, JSON and best adapter; its checkpoint."""
+    """What a run writes and reads back: its logs, JSON and best adapter; its checkpoint; and
+    the lock that keeps them its own."""
+
+    def unlock(self):
+        if self.lock is not None:
+            with suppress(OSError):  # a folder gone read-only since: the lock still goes
+                self.paths["lock"].unlink()
+            self.lock.release()
+            self.lock = None
 
     def write_outputs(self, best_state=None):
         """The JSON, the two logs (the official code's format) and the best adapter if given."""
@@ -377,13 +385,17 @@ class Run(Steps, Files):
             self.device = self.dist.start(cfg.device)
             self.paths = run_paths(cfg)  # named by the settings, the model's and data's files
         if cfg.batch_size < self.dist.world:
-            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the "
-                             f"{self.dist.world} processes: each needs at least one example of "
-                             f"every batch")
+            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world}"
+                             f" processes: each needs at least one example of every batch")
         check_writable(self.paths["json"].parent, "--out-dir", cfg.out_dir)  # the run's folder
         if self.main and self.paths["lock"].exists():  # it may be running: then say who runs it
             self.lock = lock_run(self.paths["lock"])
-        if existing_run(cfg, self.paths) == "ended":  # finished or diverged earlier
+        try:
+            ended = existing_run(cfg, self.paths) == "ended"
+        except UsageError:  # refused before the run began: the lock goes too (train() in a
+            self.unlock()   # notebook may try again)
+            raise
+        if ended:  # finished or diverged earlier
             self.summary = read_summary(self.paths["json"])
             say(f"{self.paths['json']}: already {self.summary['status']}; nothing to resume")
 
@@ -398,8 +410,9 @@ class Run(Steps, Files):
             torch.manual_seed(self.cfg.seed + 100_003 * self.dist.rank)
         forward = torch.compile(model, dynamic=True) if self.cfg.compile else model
         if self.dist.world > 1:
-            forward = torch.nn.parallel.DistributedDataParallel(
-                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            forward = torch.nn.parallel.DistributedDataParallel(  # buffers (A₀, B₀, w) are
+                forward, broadcast_buffers=False,  # equal everywhere and never change: no resend
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return forward
 
     def start(self, model, optimizer, scheduler, data_rng, best):
@@ -414,6 +427,8 @@ class Run(Steps, Files):
             for key in ("log", "test", "json", "adapter", "checkpoint"):
                 remove_stale(paths[key])
         decision = existing_run(cfg, paths)
+        if self.dist.world > 1:  # every rank has decided before rank 0 writes the new JSON
+            torch.distributed.barrier()
         if decision == "ended":
             raise UsageError(f"{paths['json']} ended while this process was starting")
         for key in ("checkpoint", "adapter") if cfg.overwrite and self.main else ():
@@ -457,10 +472,7 @@ class Run(Steps, Files):
         try:
             return self.started and end(self, error)
         finally:
-            if self.lock is not None:
-                with suppress(OSError):  # a folder gone read-only since: the lock still goes
-                    self.paths["lock"].unlink()
-                self.lock.release()
+            self.unlock()
 
 
 def end(run, error):
