@@ -23,7 +23,7 @@ import torch
 from delora import adapters, add_adapters, load_adapter_state_dict, merge_adapters
 from glue import TASKS, Encoded, get_task
 from roberta import check_max_length, checkpoint_key, from_pretrained, load_tokenizer, resolve
-from roberta import save_pretrained
+from roberta import read_safetensors, save_pretrained
 from glue import Parser, UsageError, check_writable, not_a_folder, remove_stale, say
 from glue import user_errors, write_atomic
 from run import command_line
@@ -38,7 +38,6 @@ def load_finetuned(run_json):
     adapter and head, in eval mode, on the CPU; cfg: the run's settings. A file that cannot
     serve (not a run's JSON, a damaged adapter, another run's adapter) is a UsageError naming
     it; a run that did not finish is said on stderr (its best adapter so far is used)."""
-    from safetensors import safe_open
     run_json = Path(run_json)
     try:
         summary = json.loads(run_json.read_bytes())
@@ -59,9 +58,8 @@ def load_finetuned(run_json):
             f" (the run is {summary.get('status')} after {done})" * (summary.get("status") !=
                                                                         "finished")))
     try:
-        with safe_open(str(adapter), "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            theirs = json.loads((f.metadata() or {}).get("config", "{}"))
+        state, metadata = read_safetensors(adapter)
+        theirs = json.loads(metadata.get("config", "{}"))
     except Exception as e:  # safetensors' own error for a truncated or empty file
         raise UsageError(f"{adapter} is damaged: {str(e).strip()[:200]}") from None
     differ = [k for k in SAME if k in theirs and theirs[k] != s.get(k)]
@@ -146,12 +144,10 @@ def cut(tokenizer, text, text_b=None, slack=64):
 def export_of(path):
     """The run whose export the folder holds (a merged one's config.json, a PEFT one's weights'
     metadata: delora_run), or None."""
-    from safetensors import safe_open
     with suppress(OSError, ValueError, AttributeError):
         return json.loads((Path(path) / "config.json").read_text()).get("delora_run")
     with suppress(Exception):
-        with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
-            return (f.metadata() or {}).get("delora_run")
+        return read_safetensors(Path(path) / "adapter_model.safetensors")[1].get("delora_run")
     return None
 
 

@@ -442,12 +442,29 @@ def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **conf
     with reading(weights):
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
-            state = load_file(weights)
+            state = load_file(weights) if utf8(weights) else read_safetensors(weights)[0]
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
     model = RobertaClassifier(cfg)
     load_checkpoint_state(model, state)
     return model
+
+
+def utf8(path):
+    """Whether a path can be given to the Rust readers (safetensors', tokenizers'): UTF-8."""
+    try:
+        return bool(str(path).encode())
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (os.fsdecode's escapes)
+        return False
+
+
+def read_safetensors(path):
+    """A .safetensors file's tensors and metadata, read through Python: any path, also one that
+    is not UTF-8, and the whole file at once (for small files, or where mmap cannot serve)."""
+    from safetensors.torch import load
+    data = Path(path).read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return load(data), header.get("__metadata__") or {}
 
 
 def save_pretrained(model, directory, tokenizer_from=None, **config_extra):
@@ -499,15 +516,17 @@ def load_tokenizer(name_or_path="FacebookAI/roberta-base", max_length=256):
     Pairs encode as `<s> A </s></s> B </s>` (RoBERTa) or `[CLS] A [SEP] B [SEP]` (BERT)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     path = resolve(name_or_path, "tokenizer")
-    if path.name == "tokenizer.json":
+    if path.name == "tokenizer.json":  # read here: the Rust readers take UTF-8 paths only
         with reading(path):
-            tok = Tokenizer.from_file(str(path))
+            tok = Tokenizer.from_str(path.read_bytes().decode())
     else:
         merges = path.parent / "merges.txt"
         if not merges.is_file():
             raise FileNotFoundError(f"{path.parent} has vocab.json but no merges.txt")
         with reading(f"{path} (with {merges.name})"):
-            tok = Tokenizer(models.BPE.from_file(str(path), str(merges)))
+            pairs = [tuple(line.split(" ")) for line in merges.read_bytes().decode().splitlines()
+                     if line and not line.startswith("#version")]
+            tok = Tokenizer(models.BPE(json.loads(path.read_bytes()), pairs))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         vocab = tok.get_vocab()

@@ -2140,8 +2140,8 @@ def test_a_reader_gone_stops_the_run_with_a_checkpoint_and_no_stderr_is_no_crash
     """`train.py ... | head -1`: the first line is read, then nobody reads: the run stops at
     the next step as on SIGPIPE, with its checkpoint, status interrupted, exit 141; read by
     `head -n 0`, train.py --plan and report.py end quietly. With standard error closed
-    (2>&-), bad input still ends with its own exit code, and with the hub's own logging
-    silenced, one line."""
+    (2>&-), bad input still ends with its own exit code; a path that is not UTF-8, on an ASCII
+    terminal, is escaped; with the hub's own logging silenced, it is one line."""
     glue_dir, reference = uninterrupted
     argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
     line = shlex.join([sys.executable, str(HERE / "train.py"), *map(str, argv)])
@@ -2156,6 +2156,12 @@ def test_a_reader_gone_stops_the_run_with_a_checkpoint_and_no_stderr_is_no_crash
         p = subprocess.run(f"{shlex.quote(sys.executable)} {HERE / 'train.py'} {args} 2>&-",
                            shell=True, capture_output=True, text=True, timeout=120, env=ENV)
         assert (p.returncode, p.stdout) == (code, ""), args
+    model = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")  # a folder name that is not UTF-8
+    shutil.copytree(ckpt, model)                                 # printed to an ASCII terminal
+    p = subprocess.run([sys.executable, HERE / "train.py", *(os.fsencode(str(a)) for a in args_of(
+        model, glue_dir, tmp_path / "o"))], capture_output=True, timeout=120,
+        env={**ENV, "PYTHONIOENCODING": "ascii"})
+    assert p.returncode == 0 and b"caf\\udce9" in p.stdout, p.stderr[-2000:]
     p = python(HERE / "train.py", "rte", "1", "--model", "no-such-org/no-model", cwd=tmp_path)
     assert p.returncode != 0 and "offline, pass a local directory" in p.stderr  # the hub's own
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1  # logging too
