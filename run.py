@@ -27,6 +27,7 @@ resume, plus what exactness and torchrun need (docs/long-runs.md).
 """
 import datetime
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -55,6 +56,8 @@ LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) 
 STOP_SIGNALS = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2",
                                              "SIGXCPU") if hasattr(signal, n)]
 PEER_TIMEOUT = datetime.timedelta(minutes=30)  # > rank 0's longest lone evaluation (QQP test)
+NO_RESEND = next(k for k in ("forward_sync_buffers", "broadcast_buffers")  # renamed in 2.13
+                 if k in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters)
 
 
 class Interrupted(BaseException):
@@ -411,7 +414,7 @@ class Run(Steps, Files):
         forward = torch.compile(model, dynamic=True) if self.cfg.compile else model
         if self.dist.world > 1:
             forward = torch.nn.parallel.DistributedDataParallel(  # buffers (A₀, B₀, w) are
-                forward, broadcast_buffers=False,  # equal everywhere and never change: no resend
+                forward, **{NO_RESEND: False},  # equal everywhere and never change: no resend
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return forward
 

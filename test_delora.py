@@ -2239,7 +2239,7 @@ import run, train
 decide = run.existing_run
 def late(*args):  # rank 1 reads what is on disk only after rank 0 could have written
     if os.environ["RANK"] == "1":
-        time.sleep(2)
+        time.sleep(1)
     return decide(*args)
 run.existing_run = late
 train.main()
@@ -2254,7 +2254,7 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
     single = run_cli(*argv, "--out-dir", tmp_path / "single")
     (late := tmp_path / "late.py").write_text(LATE_RANK_1.format(here=str(HERE)))
     p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "ddp"], script=late)
-    assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 0 and not re.search("terminate called|Warning", p.stderr), p.stderr
     assert p.stdout.count("done: best epoch") == 1 and p.stdout.count("epoch 2 (3/3)") == 1
     files = sorted(f.name.removeprefix(single["run_name"]) for f in (tmp_path / "ddp").rglob("*")
                    if f.is_file())
