@@ -401,6 +401,12 @@ class RunError(Exception):
         self.status, self.everywhere = status, everywhere
 
 
+def one_line(text):
+    """A message kept on one line: a control character of a value (a newline in a folder's
+    name) written as its escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def why(error):
     """An OSError's cause in words, mid-sentence: 'no space left on device'."""
     text = getattr(error, "strerror", None) or str(error)
@@ -540,7 +546,7 @@ def setting(default=MISSING, help="", results=True, flags=(), **cli):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump; under torchrun from rank 0 only
-        say(f"{self.prog}: error: {message} (see --help)", err=True)
+        say(one_line(f"{self.prog}: error: {message} (see --help)"), err=True)
         self.exit(2)
 
     def add_settings(self, config_class):

@@ -47,7 +47,7 @@ import torch
 from delora import adapter_state_dict, count_parameters, load_adapter_state_dict
 from glue import ENDED, SILENT, RunError, UsageError, check_writable, data_tag, epoch_line
 from glue import existing_run, get_task, lock_run, read_summary, remove_stale, run_name, say
-from glue import user_errors, why, write_atomic
+from glue import one_line, user_errors, why, write_atomic
 from roberta import checkpoint_tag
 
 LOG_EVERY = 10  # steps between loss checks: one host sync (and one all-reduce) per window
@@ -579,10 +579,10 @@ def command_line(prog):
         if rank and not (getattr(e, "everywhere", False) or getattr(e, "loading", False)):
             raise SystemExit(code)  # rank 0 says it
         detail = f" ({e})" if str(e) else ""
-        line = f"{prog}: {f'rank {rank}: ' * bool(rank)}" + (
+        line = one_line(f"{prog}: {f'rank {rank}: ' * bool(rank)}" + (
             str(e) if isinstance(e, Interrupted) else "stopped at once (Ctrl-C)" if isinstance(
                 e, KeyboardInterrupt) else f"error: out of memory while loading{detail}: free "
-            f"memory, or lower --max-length" if isinstance(e, MemoryError) else f"error: {e}")
+            f"memory, or lower --max-length" if isinstance(e, MemoryError) else f"error: {e}"))
         if code == 1:
             raise SystemExit(line)
         say(line, err=True, everywhere=True)

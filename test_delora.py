@@ -493,6 +493,9 @@ def test_both_start_at_w_and_lambda_learns_only_once_a_and_b_have_moved():
     assert not lora.B.any() and lora.A.abs().sum() > 0
     with pytest.raises(ValueError, match="rank r must be >= 1"):
         make_layer(r=0)
+    with pytest.raises(ValueError, match="rank r must be <= 5 for a 6 x 5 layer, got 6"):
+        make_layer(r=6, cls=LoRALinear)   # (a rank-100000 adapter on 384 x 384 layers: killed
+    make_layer(r=5)                       # by the kernel for memory, without a word)
     layer, x = make_layer(), torch.randn(8, 5)
     A0, B0, W = layer.A0.clone(), layer.B0.clone(), layer.base.weight.clone()
     assert layer.A0.data_ptr() != layer.A.data_ptr() and layer.B0.data_ptr() != layer.B.data_ptr()
@@ -1076,11 +1079,15 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
     (["rte", "1", "--save-merged", ""], "--save-merged is an empty path: name a folder"),
     (["rte", "1", "--out-dir", " "], "--out-dir is an empty path: name a folder"),
     (["rte", "1", "--model", ""], "--model is an empty path: name a folder"),
+    (["rte", "1", "--data", "/no/such\ndir"], "--data /no/such\\ndir: no such folder"),
+    (["rte", "1", "--model", "/no/such\nmodel"], "/no/such\\nmodel is not a directory"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
+    """... also where the value holds a newline: a control character is said as its escape."""
     with pytest.raises(SystemExit) as e:
         train.main(args)
-    assert e.value.code != 0 and message in capsys.readouterr().err + str(e.value.code)
+    said = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    assert e.value.code != 0 and message in said and len(said.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind, length, message", [
@@ -2410,7 +2417,7 @@ def test_report_skips_corrupt_foreign_older_and_edited_summaries_naming_them(tmp
 
 
 @pytest.mark.parametrize("option, target", [
-    (None, lambda t: t / "nope"), (None, lambda t: t / "empty"),
+    (None, lambda t: t / "no\nsuch"), (None, lambda t: t / "empty"),  # a newline: escaped
     ("--csv", lambda t: t / "missing" / "rows.csv"),
     ("--json", lambda t: t / "afile" / "rows.json"),
     ("--plots", lambda t: t / "afile" / "figures"),
@@ -2426,7 +2433,8 @@ def test_report_paths_are_checked_before_the_table_prints(option, target, tmp_pa
     out, err = capsys.readouterr()
     assert e.value.code != 0 and out == "" and len(err.strip().splitlines()) == 1
     assert (f"report.py: error: {option} {target(tmp_path)}: " if option else
-            "no such folder" if target(tmp_path).name == "nope" else "no run summaries under") \
+            "no\\nsuch: no such folder" if target(tmp_path).name != "empty" else
+            "no run summaries under") \
         in err
 
 
