@@ -417,10 +417,11 @@ SILENT = {}  # a stream that failed -> the signal its loss stands for
 
 
 def say(text="", err=False, end="\n", everywhere=False):
-    """The one way this project prints: to stdout (stderr: err), flushed, by rank 0 alone under
-    torchrun. A stream that fails -- its reader gone (`| head`), the terminal gone, closed --
-    goes quiet; losing stdout stops a run at its next step as SIGPIPE or SIGHUP would."""
-    stream = sys.stderr if err else sys.stdout
+    """The one way this project prints: to stdout (stderr: err, a warning or an error, kept on
+    one line: `one_line`), flushed, by rank 0 alone under torchrun. A stream that fails -- its
+    reader gone (`| head`), the terminal gone, closed -- goes quiet; losing stdout stops a run
+    at its next step as SIGPIPE or SIGHUP would."""
+    stream, text = (sys.stderr, one_line(text)) if err else (sys.stdout, text)
     if stream is None or stream in SILENT or not (everywhere or os.environ.get("RANK", "0")
                                                    == "0"):
         return
@@ -546,7 +547,7 @@ def setting(default=MISSING, help="", results=True, flags=(), **cli):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump; under torchrun from rank 0 only
-        say(one_line(f"{self.prog}: error: {message} (see --help)"), err=True)
+        say(f"{self.prog}: error: {message} (see --help)", err=True)
         self.exit(2)
 
     def add_settings(self, config_class):

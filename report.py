@@ -20,7 +20,7 @@ import numpy as np
 
 # the task table and the shared file helpers: neither torch nor train.py is imported here
 from glue import ENDED, SILENT, TASKS, Parser, RunError, UsageError, check_writable, not_a_folder
-from glue import one_line, say, write_atomic
+from glue import say, write_atomic
 
 PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x100, 5 seeds)
     "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
@@ -481,7 +481,7 @@ def main(argv=None):
             data["plots"] = [str(p) for p in plots(runs, args.plots)]
         return data
     except (UsageError, RunError) as e:
-        say(one_line(f"report.py: error: {e}"), err=True)
+        say(f"report.py: error: {e}", err=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         say("report.py: stopped (Ctrl-C); the outputs written so far are whole", err=True)

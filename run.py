@@ -579,12 +579,12 @@ def command_line(prog):
         if rank and not (getattr(e, "everywhere", False) or getattr(e, "loading", False)):
             raise SystemExit(code)  # rank 0 says it
         detail = f" ({e})" if str(e) else ""
-        line = one_line(f"{prog}: {f'rank {rank}: ' * bool(rank)}" + (
+        line = f"{prog}: {f'rank {rank}: ' * bool(rank)}" + (
             str(e) if isinstance(e, Interrupted) else "stopped at once (Ctrl-C)" if isinstance(
                 e, KeyboardInterrupt) else f"error: out of memory while loading{detail}: free "
-            f"memory, or lower --max-length" if isinstance(e, MemoryError) else f"error: {e}"))
-        if code == 1:
-            raise SystemExit(line)
+            f"memory, or lower --max-length" if isinstance(e, MemoryError) else f"error: {e}")
+        if code == 1:  # Python prints it: kept on one line as say() keeps what it prints
+            raise SystemExit(one_line(line))
         say(line, err=True, everywhere=True)
         raise SystemExit(code)
     finally:
