@@ -474,7 +474,9 @@ def write_atomic(path, data):
     """Write bytes (or str, as UTF-8) -- or a folder: data(tmp) writes it -- to a temporary
     name of this process beside path, then rename it over path: readers see the old version or
     the new one, never a part (a link to a folder stays, the folder it names is replaced). A
-    failed write removes the temporary, keeps the old version and is a RunError saying why."""
+    failed write removes the temporary, keeps the old version and is a RunError saying why. A
+    folder's earlier write killed halfway is undone first (a run does it for its files when it
+    starts: `remove_stale`)."""
     path, folder = Path(path), callable(data)
     path = path.resolve() if folder and path.is_symlink() else path
     tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{k}") for k in ("tmp", "old"))
@@ -483,6 +485,7 @@ def write_atomic(path, data):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if folder:
+            remove_stale(path)
             data(tmp)
             if path.exists():
                 os.replace(path, old)  # killed before the next rename: remove_stale undoes it

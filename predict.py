@@ -24,7 +24,7 @@ from delora import adapters, add_adapters, load_adapter_state_dict, merge_adapte
 from glue import TASKS, Encoded, get_task
 from roberta import check_max_length, checkpoint_key, from_pretrained, load_tokenizer, resolve
 from roberta import read_safetensors, save_pretrained
-from glue import Parser, UsageError, check_writable, not_a_folder, remove_stale, say
+from glue import Parser, UsageError, check_writable, not_a_folder, say
 from glue import user_errors, write_atomic
 from run import command_line
 
@@ -182,7 +182,6 @@ def export_merged(model, folder, run, pretrained):
     written as a plain HF checkpoint, with the pretrained checkpoint's tokenizer files, in
     place of folder; its config.json names the run (delora_run), which may replace it again."""
     merged, tokenizer = merge_adapters(model).cpu(), resolve(pretrained, "tokenizer").parent
-    remove_stale(folder)
     write_atomic(folder, lambda tmp: save_pretrained(merged, tmp, tokenizer_from=tokenizer,
                                                      delora_run=run))
     say(f"merged model written to {folder}")
@@ -215,7 +214,6 @@ def export_peft(model, folder, run, pretrained):
         (tmp / "adapter_model.safetensors").write_bytes(save(
             {k: v.contiguous() for k, v in state.items()}, metadata=dict(format="pt",
                                                                           delora_run=run)))
-    remove_stale(folder)
     write_atomic(folder, write)
     say(f"PEFT LoRA adapter (rank {up.shape[1]}, scale 1) written to {folder}")
 
@@ -247,8 +245,9 @@ def main(argv=None):
                 raise UsageError(f"TEXT{'_B' * i} is not UTF-8 text (at character {e.start})") \
                     from None
         model, tokenizer, cfg = load_finetuned(args.run_json)
-        exports = [(o, d, f) for o, d, f in (("--save-peft", args.save_peft, export_peft),
-                                             ("--save-merged", args.save_merged, export_merged)) if d]
+        exports = [(option, folder, export) for option, folder, export in (
+            ("--save-peft", args.save_peft, export_peft),
+            ("--save-merged", args.save_merged, export_merged)) if folder]
         for option, folder, _ in exports:  # both checked before either is written
             check_export_folder(folder, option, cfg.run_name, args.overwrite,
                                 (("logs", Path(args.run_json).parent), ("model", cfg.model)))

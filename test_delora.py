@@ -1894,6 +1894,11 @@ def test_files_are_replaced_atomically_under_unique_names_and_stale_temps_remove
     assert json.loads(path.read_text()) == {"status": "finished"}
     assert str(os.getpid()) in names[0] and names[0] != "run.json"
     monkeypatch.undo()
+    for left in ("old", "tmp"):  # an export killed between its renames: old moved aside, new half
+        (tmp_path / f".export.123.{left}").mkdir()
+    glue.write_atomic(tmp_path / "export", lambda tmp: tmp.mkdir() or (tmp / "a").write_text("new"))
+    assert [p.name for p in tmp_path.glob("*export*")] == ["export"]   # the next export undoes it
+    assert os.listdir(tmp_path / "export") == ["a"]
     argv = [str(a) for a in args_of(ckpt, glue_dir, tmp_path / "logs")]
     paths = run.run_paths(train.parse_args(argv))
     run_dir = paths["json"].parent
