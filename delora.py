@@ -28,9 +28,10 @@ class AdapterLinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"rank r must be >= 1, got {r}")
-        if r > min(base.in_features, base.out_features):  # ΔW's rank is at most that anyway
-            raise ValueError(f"rank r must be <= {min(base.in_features, base.out_features)} "
-                             f"for a {base.out_features} x {base.in_features} layer, got {r}")
+        most = min(base.in_features, base.out_features)  # ΔW's rank is at most that anyway
+        if r > most:
+            raise ValueError(f"rank r must be <= {most} for a {base.out_features} x "
+                             f"{base.in_features} layer, got {r}")
         self.base, self.r, self.merged = base.requires_grad_(False), r, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.factors_now = None  # set for one forward of a model by `add_adapters`' hook
