@@ -5,6 +5,7 @@ walkthrough.py), train.py, glue.py, roberta.py, run.py (resume, faults, torchrun
 predict.py, the project as a whole; last, the CUDA path (`-m cuda`; skipped without a GPU)."""
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -266,10 +267,29 @@ def same_outcome(got, expected):
         torch.equal(adapter[k], expected_adapter[k]) for k in adapter)
 
 
-def python(*args, code=None, timeout=300, env=ENV, **kwargs):
-    """A new Python process (-c code, or a script): its CompletedProcess, text captured."""
-    return subprocess.run([sys.executable, *(["-c", code] if code else []), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+def started(command, timeout=300, text=True, **kwargs):
+    """A new process, output captured; call what this returns to wait for its CompletedProcess.
+    A test starts its independent processes together: both cores work, neither waits."""
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text,
+                         **kwargs)
+
+    @functools.cache
+    def result():
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return result
+
+
+def python(*args, code=None, timeout=300, env=ENV, wait=True, **kwargs):
+    """A new Python process (-c code, or a script): its CompletedProcess, text captured; with
+    wait=False, what `started` returns."""
+    result = started([sys.executable, *(["-c", code] if code else []), *map(str, args)],
+                     timeout, env=env, **kwargs)
+    return result() if wait else result
 
 
 SIGNAL_AT_STEP = """
@@ -347,14 +367,12 @@ def mounts():
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def torchrun(tmp_path, argv, nproc=2, script=None, device="cpu"):
+def torchrun(tmp_path, argv, nproc=2, script=None, device="cpu", wait=True):
     """`torchrun --standalone --nproc_per_node=nproc train.py ARGV` (or a script that runs
-    train.main), on the CPU unless told."""
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={nproc}", str(script or HERE / "train.py"), *map(str, argv),
-         "--device", device], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**ENV, "OMP_NUM_THREADS": "1"})
+    train.main), on the CPU unless told; wait=False as in `python`."""
+    return python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  script or HERE / "train.py", *argv, "--device", device, cwd=tmp_path,
+                  env={**ENV, "OMP_NUM_THREADS": "1"}, wait=wait)
 
 
 def fake_run(out, task, seed, metric_value, method="delora", status="finished", epochs=2,
@@ -679,19 +697,26 @@ def test_the_forward_compiles_as_one_graph(ckpt):
 
 
 @pytest.mark.slow
-def test_walkthrough_prints_and_asserts_every_claim(tmp_path):
-    """walkthrough.py, as a reader runs it: every section's numbers, every claim asserted.
-    (7 s on two idle cores; sharing them with a training run, it took two minutes.)"""
-    p = python(HERE / "walkthrough.py", cwd=tmp_path, timeout=600,
-               env={**ENV, "WALKTHROUGH_FIGURE": str(tmp_path / "b.png")})
-    assert p.returncode == 0, p.stderr[-3000:]
-    headers = [line for line in p.stdout.splitlines() if re.match(r"\d+\. ", line)]
+def test_walkthrough_prints_and_asserts_every_claim(tmp_path, monkeypatch, capsys):
+    """walkthrough.py run as `python walkthrough.py` runs it, in this process (a new one would
+    import torch again): every section's numbers, every claim asserted."""
+    import runpy
+    monkeypatch.setenv("WALKTHROUGH_FIGURE", str(tmp_path / "b.png"))
+    monkeypatch.chdir(tmp_path)
+    on_pipe = signal.getsignal(signal.SIGPIPE)   # it sets SIGPIPE's, for `| head`
+    with torch.random.fork_rng():
+        try:
+            runpy.run_path(str(HERE / "walkthrough.py"), run_name="__main__")
+        finally:
+            signal.signal(signal.SIGPIPE, on_pipe)
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if re.match(r"\d+\. ", line)]
     assert [h.split(".")[0] for h in headers] == [str(i) for i in range(1, 11)]
-    assert "c: PEFT, B = 0" in p.stdout and "    128 | 0.35" in p.stdout
-    assert "trained directions:" in p.stdout and "its cap |λ|·max w" in p.stdout
-    assert p.stdout.rstrip().endswith("all claims hold.")
-    assert MINILM is None or p.stdout.startswith("layer: all-MiniLM-L6-v2, layers.0.attention")
-    assert (tmp_path / "b.png").is_file() or "no matplotlib" in p.stdout
+    assert "c: PEFT, B = 0" in out and "    128 | 0.35" in out
+    assert "trained directions:" in out and "its cap |λ|·max w" in out
+    assert out.rstrip().endswith("all claims hold.")
+    assert MINILM is None or out.startswith("layer: all-MiniLM-L6-v2, layers.0.attention")
+    assert (tmp_path / "b.png").is_file() or "no matplotlib" in out
 
 
 # =============================================================================================
@@ -1978,11 +2003,9 @@ def test_one_writer_per_run_naming_the_holder_stale_locks_free_and_no_locks_said
 @pytest.mark.slow
 def test_two_identical_commands_started_together_leave_one_run_and_one_refusal(ckpt, glue_dir,
                                                                                tmp_path):
-    argv = [sys.executable, str(HERE / "train.py"), *map(str, args_of(ckpt, glue_dir, tmp_path,
-                                                                     epochs=2))]
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=ENV) for _ in range(2)]
-    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    argv = [HERE / "train.py", *args_of(ckpt, glue_dir, tmp_path, epochs=2)]
+    both = [python(*argv, wait=False) for _ in range(2)]
+    results = sorted((p.returncode, p.stderr) for p in (result() for result in both))
     assert [code for code, _ in results] == [0, 1]
     refusal = results[1][1].strip().splitlines()
     assert len(refusal) == 1 and ("is being run by pid" in refusal[0]
@@ -2155,35 +2178,41 @@ def test_a_reader_gone_stops_the_run_with_a_checkpoint_and_no_stderr_is_no_crash
     (2>&-), bad input still ends with its own exit code; a path that is not UTF-8, on an ASCII
     terminal, is escaped; with the hub's own logging silenced, it is one line."""
     glue_dir, reference = uninterrupted
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
-    line = shlex.join([sys.executable, str(HERE / "train.py"), *map(str, argv)])
-    p = subprocess.run(f"set -o pipefail; {line} | head -n 1", shell=True, capture_output=True,
-                       text=True, timeout=300, executable="/bin/bash", env=ENV)
-    assert p.returncode == 141 and p.stdout.startswith("rte seed 3: delora on ")
-    assert "stopped by SIGPIPE at epoch" in p.stderr and "Traceback" not in p.stderr
-    assert summary_in(tmp_path)["status"] == "interrupted"
-    run_cli(*argv, "--resume")
-    assert outcome(tmp_path)[0] == reference()[0]
-    for args, code in (("wnli 0", 2), (f"rte 0 --model {tmp_path}/none", 1)):
-        p = subprocess.run(f"{shlex.quote(sys.executable)} {HERE / 'train.py'} {args} 2>&-",
-                           shell=True, capture_output=True, text=True, timeout=120, env=ENV)
-        assert (p.returncode, p.stdout) == (code, ""), args
+    out = tmp_path / "piped"
+    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", out]
     model = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")  # a folder name that is not UTF-8
     shutil.copytree(ckpt, model)                                 # printed to an ASCII terminal
-    p = subprocess.run([sys.executable, HERE / "train.py", *(os.fsencode(str(a)) for a in args_of(
-        model, glue_dir, tmp_path / "o"))], capture_output=True, timeout=120,
-        env={**ENV, "PYTHONIOENCODING": "ascii"})
+    fake_run(tmp_path / "runs", "rte", 42, 0.7)
+    bash = dict(shell=True, executable="/bin/bash", cwd=tmp_path, env=ENV)
+    python_ = shlex.quote(sys.executable)
+    others = {  # independent of each other and of the run below: started together
+        "closed stderr, bad input": [started(f"{python_} {HERE / 'train.py'} {args} 2>&-", **bash)
+                                     for args in ("wnli 0", f"rte 0 --model {tmp_path}/none")],
+        "not UTF-8": started([sys.executable, HERE / "train.py", *(os.fsencode(str(a)) for a in
+                             args_of(model, glue_dir, tmp_path / "o"))], text=False,
+                             env={**ENV, "PYTHONIOENCODING": "ascii"}),
+        "hub": python(HERE / "train.py", "rte", "1", "--model", "no-such-org/no-model",
+                      cwd=tmp_path, wait=False),
+        "head -n 0": [started(f"set -o pipefail; {python_} {shlex.quote(str(HERE / script))} "
+                              f"{args} | head -n 0", **bash)
+                      for script, args in (("train.py", "--plan table4"),
+                                           ("report.py", tmp_path / "runs"))]}
+    line = shlex.join([sys.executable, str(HERE / "train.py"), *map(str, argv)])
+    p = started(f"set -o pipefail; {line} | head -n 1", **bash)()
+    assert p.returncode == 141 and p.stdout.startswith("rte seed 3: delora on ")
+    assert "stopped by SIGPIPE at epoch" in p.stderr and "Traceback" not in p.stderr
+    assert summary_in(out)["status"] == "interrupted"
+    run_cli(*argv, "--resume")
+    assert outcome(out)[0] == reference()[0]
+    for p, code in zip((r() for r in others["closed stderr, bad input"]), (2, 1)):
+        assert (p.returncode, p.stdout) == (code, ""), p.args
+    p = others["not UTF-8"]()
     assert p.returncode == 0 and b"caf\\udce9" in p.stdout, p.stderr[-2000:]
-    p = python(HERE / "train.py", "rte", "1", "--model", "no-such-org/no-model", cwd=tmp_path)
+    p = others["hub"]()
     assert p.returncode != 0 and "offline, pass a local directory" in p.stderr  # the hub's own
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1  # logging too
-    fake_run(tmp_path / "runs", "rte", 42, 0.7)
-    for script, args in (("train.py", "--plan table4"), ("report.py", tmp_path / "runs")):
-        p = subprocess.run(f"set -o pipefail; {shlex.quote(sys.executable)} "
-                           f"{shlex.quote(str(HERE / script))} {args} | head -n 0", shell=True,
-                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                           executable="/bin/bash")
-        assert (p.stdout, p.stderr, p.returncode) == ("", "", 141), (script, p.stderr)
+    for p in (r() for r in others["head -n 0"]):
+        assert (p.stdout, p.stderr, p.returncode) == ("", "", 141), p.args
 
 
 @pytest.mark.slow
@@ -2263,9 +2292,14 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
                                                                                  tmp_path):
     argv = ["rte", 1, "--model", ckpt, "--data", ddp_data, "--epochs", 3, "--batch-size", 5,
             "--save-every", 3]
-    single = run_cli(*argv, "--out-dir", tmp_path / "single")
     (late := tmp_path / "late.py").write_text(LATE_RANK_1.format(here=str(HERE)))
-    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "ddp"], script=late)
+    # the same run, rank 0 (the writer) killed before step 5; a batch smaller than the ranks
+    (killed := tmp_path / "killed.py").write_text(SIGNAL_AT_STEP.format(
+        here=str(HERE), n=5, sig="SIGKILL", rank=" and os.environ['RANK'] == '0'", argv=None))
+    launches = [torchrun(tmp_path, [*argv, "--out-dir", tmp_path / out], script=script,
+                         wait=False) for out, script in (("ddp", late), ("cut", killed))]
+    single = run_cli(*argv, "--out-dir", tmp_path / "single")
+    p, cut = (launch() for launch in launches)
     assert p.returncode == 0 and not re.search("terminate called|Warning", p.stderr), p.stderr
     assert p.stdout.count("done: best epoch") == 1 and p.stdout.count("epoch 2 (3/3)") == 1
     files = sorted(f.name.removeprefix(single["run_name"]) for f in (tmp_path / "ddp").rglob("*")
@@ -2277,24 +2311,21 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
         [e["train_loss"] for e in single["epochs"]], rel=1e-4)
     assert [e["val"] for e in ddp["epochs"]] == [e["val"] for e in single["epochs"]]
     assert (ddp["best_epoch"], ddp["test"]) == (single["best_epoch"], single["test"])
-    # the same run, rank 0 (the writer) killed before step 5: the other rank ends with one
-    # line, no traceback; resumed from the checkpoint of step 3
-    (script := tmp_path / "killed.py").write_text(SIGNAL_AT_STEP.format(
-        here=str(HERE), n=5, sig="SIGKILL", rank=" and os.environ['RANK'] == '0'", argv=None))
-    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "cut"], script=script)
-    assert p.returncode != 0 and len(list((tmp_path / "cut").rglob("*_checkpoint.pt"))) == 1
-    ours = [line for line in p.stderr.splitlines() if line.startswith("train.py: ")]
+    # rank 0 killed: the other rank ends with one line, no traceback; resumed from step 3's
+    assert cut.returncode != 0 and len(list((tmp_path / "cut").rglob("*_checkpoint.pt"))) == 1
+    ours = [line for line in cut.stderr.splitlines() if line.startswith("train.py: ")]
     assert ours == ["train.py: rank 1: error: another process of this torchrun launch is gone "
                     "(RuntimeError; its own message says why); --resume continues from the "
                     "checkpoint of step 3"]
-    assert f"{HERE / 'run.py'}\", line" not in p.stderr      # no traceback of ours
+    assert f"{HERE / 'run.py'}\", line" not in cut.stderr    # no traceback of ours
+    bad = torchrun(tmp_path, [*argv[:-4], "--batch-size", 1, "--out-dir", tmp_path / "bad"],
+                   wait=False)
     p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "cut", "--resume"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed at epoch 0, batch 3 (step 3)" in p.stdout
     assert same_outcome(outcome(tmp_path / "cut"), outcome(tmp_path / "ddp"))
-    p = torchrun(tmp_path, [*argv[:-4], "--batch-size", 1, "--out-dir", tmp_path / "bad"])
     message = "train.py: error: --batch-size 1 is smaller than the 2 processes"
-    assert p.returncode != 0 and (p.stdout + p.stderr).count(message) == 1   # said once
+    assert bad().returncode != 0 and (bad().stdout + bad().stderr).count(message) == 1  # once
 
 
 def test_under_torchrun_rank_0_alone_says_a_refusal_and_shards_make_the_batch_mean(
