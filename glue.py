@@ -632,10 +632,15 @@ def lock_run(path):
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        holder = "another process"
-        with suppress(OSError):
-            holder = path.read_text(errors="replace").strip() or holder
-        raise UsageError(f"{path.with_suffix('')} is being run by {holder}: one process per run "
+        holder = ""
+        for _ in range(20):  # the holder names itself just after it takes the lock: wait 1 s
+            with suppress(OSError):
+                holder = path.read_text(errors="replace").strip()
+            if holder:
+                break
+            time.sleep(0.05)
+        raise UsageError(f"{path.with_suffix('')} is being run by {holder or 'another process'}"
+                         f": one process per run "
                          f"(wait for it to end, or stop it)") from None
     except (OSError, NotImplementedError) as e:  # NotImplementedError: filelock 3's "no flock"
         if getattr(e, "errno", errno.ENOSYS) not in NO_LOCKS:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -1780,23 +1781,21 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
                          ids=["SIGINT", "SIGTERM", "SIGHUP-bf16", "SIGUSR1"])
 def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
         ckpt, uninterrupted, tmp_path, sig, flags, monkeypatch, capsys):
-    """SIGHUP: the terminal gone; SIGUSR1 (and USR2, XCPU): a scheduler's warning before its
-    time limit. SIGTERM in a real process, as a scheduler sends it; the others in this one."""
+    """SIGTERM: a scheduler's stop; SIGHUP: the terminal gone; SIGUSR1 (and USR2, XCPU): a
+    scheduler's warning before its time limit. Sent to this process (a new one's exit status
+    on SIGTERM: the stop while loading; on SIGKILL: the killed run)."""
     glue_dir, reference = uninterrupted
     argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path, *flags]
-    if sig == "SIGTERM":  # finishes step 7, then stops
-        p = run_signalled(argv, 7, sig)
-        code, err = p.returncode, p.stderr
-    else:
-        def signal_here():  # never the default action here: that would end pytest
-            assert signal.getsignal(getattr(signal, sig)) is not signal.SIG_DFL, sig
-            os.kill(os.getpid(), getattr(signal, sig))
-        before_call(monkeypatch, "train_step", 7, signal_here)
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            run_cli(*argv)
-        code, err = e.value.code, capsys.readouterr().err
-        monkeypatch.undo()
+
+    def signal_here():  # never the default action here: that would end pytest
+        assert signal.getsignal(getattr(signal, sig)) is not signal.SIG_DFL, sig
+        os.kill(os.getpid(), getattr(signal, sig))
+    before_call(monkeypatch, "train_step", 7, signal_here)   # it finishes step 7, then stops
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(*argv)
+    code, err = e.value.code, capsys.readouterr().err
+    monkeypatch.undo()
     assert code == 128 + getattr(signal, sig)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
@@ -1978,6 +1977,9 @@ def test_one_writer_per_run_naming_the_holder_stale_locks_free_and_no_locks_said
     lock = glue.lock_run(path)                                 # another writer holds the run
     assert re.search(rf"is being run by pid {os.getpid()} on .*: one process per run",
                      refused(*argv))
+    path.write_text("")                     # taken, but its holder not named yet: said once it is
+    threading.Timer(0.2, lambda: path.write_text("pid 1 on elsewhere")).start()
+    assert "is being run by pid 1 on elsewhere: one process per run" in refused(*argv)
     assert not list(tmp_path.rglob("*.json"))
     lock.release()
     path.unlink()
