@@ -384,12 +384,12 @@ class Run(Steps, Files):
             Progress()
         self.main, self.lock, self.summary, self.started = self.dist.rank == 0, None, None, False
         self.t_start, self.phase = time.monotonic(), "load"
+        if cfg.batch_size < self.dist.world:  # before the processes wait for each other
+            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world}"
+                             f" processes: each needs at least one example of every batch")
         with user_errors():
             self.device = self.dist.start(cfg.device)
             self.paths = run_paths(cfg)  # named by the settings, the model's and data's files
-        if cfg.batch_size < self.dist.world:
-            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world}"
-                             f" processes: each needs at least one example of every batch")
         check_writable(self.paths["json"].parent, "--out-dir", cfg.out_dir)  # the run's folder
         if self.main and self.paths["lock"].exists():  # it may be running: then say who runs it
             self.lock = lock_run(self.paths["lock"])
