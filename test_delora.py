@@ -1567,11 +1567,6 @@ def test_tokenizers_pairs_our_settings_and_vocab_plus_merges(ckpt, bert_ckpt, tm
         assert tok.encode(a, b).ids == full.encode(a, b).ids
 
 
-def weights_of(path):
-    from safetensors.torch import load_file
-    return load_file(path / "model.safetensors")
-
-
 def checkpoint_with(path, state, src):
     from safetensors.torch import save_file
     path.mkdir()
@@ -1937,19 +1932,13 @@ def test_files_are_replaced_atomically_under_unique_names_and_stale_temps_remove
     assert set(modes.values()) == {0o666 & ~umask}, modes      # the umask, like any other file
 
 
-def finished_but_resumable(ckpt, glue_dir, tmp_path):
-    """A run whose checkpoint is kept and whose JSON says interrupted: --resume must load it."""
-    argv = args_of(ckpt, glue_dir, tmp_path / "logs")
-    run_cli(*argv, "--keep-checkpoint")
-    json_path = next((tmp_path / "logs").rglob("*.json"))
-    json_path.write_text(json_path.read_text().replace('"finished"', '"interrupted"'))
-    return argv, next((tmp_path / "logs").rglob("*_checkpoint.pt"))
-
-
 @pytest.mark.parametrize("damage", ["empty", "random bytes", "a tensor's bytes", "none"])
 def test_a_damaged_checkpoint_is_detected_kept_and_nothing_written(damage, ckpt, glue_dir,
                                                                   tmp_path):
-    argv, checkpoint = finished_but_resumable(ckpt, glue_dir, tmp_path)
+    argv = args_of(ckpt, glue_dir, tmp_path / "logs")  # its checkpoint kept, its JSON made to
+    run_cli(*argv, "--keep-checkpoint")                 # say interrupted: --resume loads it
+    json_path, checkpoint = (next((tmp_path / "logs").rglob(p)) for p in ("*.json", "*.pt"))
+    json_path.write_text(json_path.read_text().replace('"finished"', '"interrupted"'))
     if damage == "none":  # undamaged: resumes, with local paths compared resolved (DIR/)
         argv[5] = str(glue_dir) + "/"
         assert run_cli(*argv, "--resume")["status"] == "finished"
@@ -2573,9 +2562,12 @@ def copy_run(src, folder):
     ("no text", "give TEXT (and TEXT_B) to score, or --save-merged DIR or --save-peft DIR"),
     ("a folder", "{folder}: a folder, not a run's JSON"),
     ("not UTF-8", "TEXT_B is not UTF-8 text (at character 3)"),
+    ("json and adapter: a max length the model cannot hold", "--max-length 300 is more than "
+                                                             "the model's 256 positions"),
 ])
 def test_predict_bad_files_and_arguments_are_one_line_naming_them(damage, message, finished_run,
                                                                   tmp_path):
+    from safetensors.torch import load_file, save_file
     src, other = finished_run
     run_json = copy_run(src, tmp_path)
     adapter = run_json.with_name(run_json.stem + "_adapter.safetensors")
@@ -2597,6 +2589,10 @@ def test_predict_bad_files_and_arguments_are_one_line_naming_them(damage, messag
         summary["settings"].update(seed=1) if "seed" in damage else \
             summary["settings"].update(model=str(tmp_path / "gone"))
         run_json.write_text(json.dumps(summary))
+    elif damage.startswith("json and adapter"):                  # the model has 256 positions
+        summary["settings"]["max_length"] = 300
+        run_json.write_text(json.dumps(summary))
+        save_file(load_file(adapter), adapter, metadata={"config": json.dumps(summary["settings"])})
     texts = {"one text for a pair task": texts[:1], "no text": [],
              "not UTF-8": ["A man.", "caf\udce9"]}.get(damage, texts)
     with pytest.raises(SystemExit) as e:
@@ -2620,21 +2616,6 @@ def test_predict_says_when_a_run_did_not_finish_and_uses_its_best_adapter_so_far
     assert e.value.code == 0 and "run_json" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"predict\.py: error: .*nope\.json: no such file"):
         predict.main([str(tmp_path / "nope.json"), "A text."])
-
-
-def test_predict_refuses_a_run_whose_max_length_the_model_cannot_hold(finished_run, tmp_path):
-    from safetensors.torch import load_file, save_file
-    src = finished_run[0]
-    run_json = tmp_path / src.name
-    summary = json.loads(src.read_text())
-    summary["settings"]["max_length"] = 300                  # the model has 256 positions
-    run_json.write_text(json.dumps(summary))
-    save_file(load_file(src.with_name(src.stem + "_adapter.safetensors")),  # its adapter too
-              run_json.with_name(run_json.stem + "_adapter.safetensors"),
-              metadata={"config": json.dumps(summary["settings"])})
-    with pytest.raises(SystemExit, match="--max-length 300 is more than the model's 256 "
-                                         "positions"):
-        predict.main([str(run_json), "A man eats.", "A man is eating."])
 
 
 def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
