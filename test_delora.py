@@ -400,19 +400,23 @@ def fake_run(out, task, seed, metric_value, method="delora", status="finished", 
     return path
 
 
-RESUMABLE = ["rte", 3, "--epochs", 3, "--batch-size", 8, "--dropout", 0.2, "--lr", 0.02,
-             "--save-every", 3]  # 5 steps an epoch; checkpoints after steps 3, 5, 6, 9, 10, 12
+def resumable(ckpt, data, out, *extra):
+    """The run the kill and resume tests interrupt (seed 3, 3 epochs of 5 steps): checkpoints
+    after steps 3, 5, 6, 9, 10, 12 (--save-every 3, and at each epoch's end)."""
+    return args_of(ckpt, data, out, "--dropout", 0.2, "--lr", 0.02, "--save-every", 3, *extra,
+                   seed=3, epochs=3)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ckpt, tmp_path_factory):
-    """The data, and what each RESUMABLE run ends with when nothing interrupts it (by flags)."""
+    """The data, and what each `resumable` run ends with when nothing interrupts it (by
+    flags)."""
     glue_dir, outcomes = write_rte(tmp_path_factory.mktemp("data") / "glue"), {}
 
     def reference(*flags):
         if flags not in outcomes:
             out = tmp_path_factory.mktemp("reference")
-            run_cli(*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", out, *flags)
+            run_cli(*resumable(ckpt, glue_dir, out, *flags))
             outcomes[flags] = outcome(out)
         return outcomes[flags]
     return glue_dir, reference
@@ -1758,7 +1762,7 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
     """Killed mid-epoch 1, before step 8: the last checkpoint is step 6's. (Resumed from an
     epoch's end: the full-disk cases; with bf16 autocast: the SIGHUP case.)"""
     glue_dir, reference = uninterrupted
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    argv = resumable(ckpt, glue_dir, tmp_path)
     assert run_signalled(argv, 8).returncode == -signal.SIGKILL
     s = summary_in(tmp_path)                                  # valid JSON, still "running"
     assert s["status"] == "running" and len(s["epochs"]) == 1
@@ -1780,7 +1784,7 @@ def test_a_signal_checkpoints_marks_interrupted_and_shows_the_resume_command(
     scheduler's warning before its time limit. Sent to this process (a new one's exit status
     on SIGTERM: the stop while loading; on SIGKILL: the killed run)."""
     glue_dir, reference = uninterrupted
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path, *flags]
+    argv = resumable(ckpt, glue_dir, tmp_path, *flags)
 
     def signal_here():  # never the default action here: that would end pytest
         assert signal.getsignal(getattr(signal, sig)) is not signal.SIG_DFL, sig
@@ -2046,7 +2050,7 @@ def test_each_process_on_its_own_gpu_with_a_timeout_for_a_dead_peer(ckpt, glue_d
 def test_a_full_disk_at_any_write_is_one_line_a_final_status_and_resume_ends_exactly(
         target, nth, times, then, ckpt, uninterrupted, tmp_path, monkeypatch):
     glue_dir, reference = uninterrupted
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path]
+    argv = resumable(ckpt, glue_dir, tmp_path)
     monkeypatch.setattr(glue, "open", FullDisk(target, nth, times), raising=False)
     with pytest.raises(SystemExit) as e:
         run_cli(*argv)
@@ -2103,8 +2107,8 @@ def test_out_of_memory_is_one_line_with_what_to_lower(where, message, ckpt, unin
                           "1073741824 bytes") if where == "train_step" else
              torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     before_call(monkeypatch, where, 4 if where == "train_step" else 1, lambda: fail(error))
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", tmp_path / "logs",
-            *["--save-merged", tmp_path / "merged"] * (where == "export_merged")]
+    argv = resumable(ckpt, glue_dir, tmp_path / "logs",
+                     *["--save-merged", tmp_path / "merged"] * (where == "export_merged"))
     with pytest.raises(SystemExit, match=message):
         run_cli(*argv)
     s = summary_in(tmp_path)
@@ -2170,7 +2174,7 @@ def test_a_reader_gone_stops_the_run_with_a_checkpoint_and_no_stderr_is_no_crash
     terminal, is escaped; with the hub's own logging silenced, it is one line."""
     glue_dir, reference = uninterrupted
     out = tmp_path / "piped"
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir, "--out-dir", out]
+    argv = resumable(ckpt, glue_dir, out)
     model = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")  # a folder name that is not UTF-8
     shutil.copytree(ckpt, model)                                 # printed to an ASCII terminal
     fake_run(tmp_path / "runs", "rte", 42, 0.7)
@@ -2281,15 +2285,16 @@ train.main()
 @pytest.mark.slow
 def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resume(ckpt, ddp_data,
                                                                                  tmp_path):
-    argv = ["rte", 1, "--model", ckpt, "--data", ddp_data, "--epochs", 3, "--batch-size", 5,
-            "--save-every", 3]
+    def argv(out, *extra):
+        return args_of(ckpt, ddp_data, tmp_path / out, "--save-every", 3, *extra, seed=1,
+                       epochs=3, batch_size=5)
     (late := tmp_path / "late.py").write_text(LATE_RANK_1.format(here=str(HERE)))
     # the same run, with rank 0 (the writer) killed before step 5
     (killed := tmp_path / "killed.py").write_text(SIGNAL_AT_STEP.format(
         here=str(HERE), n=5, sig="SIGKILL", rank=" and os.environ['RANK'] == '0'", argv=None))
-    launches = [torchrun(tmp_path, [*argv, "--out-dir", tmp_path / out], script=script,
-                         wait=False) for out, script in (("ddp", late), ("cut", killed))]
-    single = run_cli(*argv, "--out-dir", tmp_path / "single")
+    launches = [torchrun(tmp_path, argv(out), script=script, wait=False)
+                for out, script in (("ddp", late), ("cut", killed))]
+    single = run_cli(*argv("single"))
     p, cut = (launch() for launch in launches)
     assert p.returncode == 0 and not re.search("terminate called|Warning", p.stderr), p.stderr
     assert p.stdout.count("done: best epoch") == 1 and p.stdout.count("epoch 2 (3/3)") == 1
@@ -2309,7 +2314,7 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
                     "(RuntimeError; its own message says why); --resume continues from the "
                     "checkpoint of step 3"]
     assert f"{HERE / 'run.py'}\", line" not in cut.stderr    # no traceback of ours
-    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "cut", "--resume"])
+    p = torchrun(tmp_path, argv("cut", "--resume"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed at epoch 0, batch 3 (step 3)" in p.stdout
     assert same_outcome(outcome(tmp_path / "cut"), outcome(tmp_path / "ddp"))
@@ -2805,13 +2810,12 @@ def test_train_on_cuda_with_bf16_and_compile_and_kill_and_resume_on_the_gpu_and_
     glue_dir, _ = uninterrupted
     s = cli(ckpt, glue_dir, tmp_path / "e2e", "--device", "cuda", "--bf16", "--compile", epochs=2)
     assert s["status"] == "finished" and s["device"] == "cuda:0"
-    argv = [*RESUMABLE, "--model", ckpt, "--data", glue_dir]
-    gpu_run = run_cli(*argv, "--device", "cuda", "--out-dir", tmp_path / "gpu")
+    gpu_run = run_cli(*resumable(ckpt, glue_dir, tmp_path / "gpu", "--device", "cuda"))
     for first, then in (("cuda", "cuda"), ("cpu", "cuda"), ("cuda", "cpu")):
         out = tmp_path / f"{first}-{then}"
-        p = run_signalled([*argv, "--device", first, "--out-dir", out], 8)
+        p = run_signalled(resumable(ckpt, glue_dir, out, "--device", first), 8)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-        resumed = run_cli(*argv, "--device", then, "--out-dir", out, "--resume")
+        resumed = run_cli(*resumable(ckpt, glue_dir, out, "--device", then, "--resume"))
         assert resumed["status"] == "finished" and resumed["device"] == str(torch.device(
             then, 0) if then == "cuda" else then) and len(resumed["resumed_on"]) == 1
     got = summary_in(tmp_path / "cuda-cuda")               # the same GPU: the same run
@@ -2838,10 +2842,11 @@ def test_on_cuda_a_checkpoint_from_more_gpus_resumes_and_out_of_memory_is_one_li
 @gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_processes_on_two_gpus_train_the_single_process_run(ckpt, ddp_data, tmp_path):
-    argv = ["rte", 1, "--model", ckpt, "--data", ddp_data, "--epochs", 2, "--batch-size", 5,
-            "--device", "cuda"]
-    single = run_cli(*argv, "--out-dir", tmp_path / "single")
-    p = torchrun(tmp_path, [*argv, "--out-dir", tmp_path / "ddp"], device="cuda")
+    def argv(out):
+        return args_of(ckpt, ddp_data, tmp_path / out, "--device", "cuda", seed=1, epochs=2,
+                       batch_size=5)
+    single = run_cli(*argv("single"))
+    p = torchrun(tmp_path, argv("ddp"), device="cuda")
     assert p.returncode == 0, p.stderr[-2000:]
     ddp = summary_in(tmp_path / "ddp")
     assert ddp["processes"] == 2 and [e["val"] for e in ddp["epochs"]] == \

@@ -19,7 +19,7 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
