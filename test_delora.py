@@ -238,6 +238,15 @@ def refused(*args, main=train.main):
     return str(e.value.code)
 
 
+def ended(capsys, *args):
+    """How train.py ARGS ends: its exit status and all it says on stderr (a SystemExit's text
+    included: Python prints it, and exits 1)."""
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in args])
+    text = e.value.code if isinstance(e.value.code, str) else ""
+    return 1 if text else e.value.code, capsys.readouterr().err + text
+
+
 def summary_in(root):
     """The JSON of the one run under root."""
     return json.loads(next(Path(root).rglob("*.json")).read_text())
@@ -293,29 +302,29 @@ def python(*args, code=None, timeout=300, env=ENV, wait=True, **kwargs):
     return result() if wait else result
 
 
-SIGNAL_AT_STEP = """
+KILLED_AT_STEP = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
 import train
 calls, step = [0], train.train_step
-def signalling_step(*args, **kwargs):  # the signal arrives just before step {n}
+def killing_step(*args, **kwargs):  # SIGKILL arrives just before step {n}
     calls[0] += 1
     if calls[0] == {n}{rank}:
-        os.kill(os.getpid(), signal.{sig})
+        os.kill(os.getpid(), signal.SIGKILL)
     return step(*args, **kwargs)
-train.train_step = signalling_step
+train.train_step = killing_step
 train.main({argv!r})
 """
 
 
-def run_signalled(argv, n, sig="SIGKILL"):
-    """train.py ARGV in a new process that gets `sig` just before its n-th training step."""
-    return python(code=SIGNAL_AT_STEP.format(here=str(HERE), n=n, sig=sig, rank="",
+def killed_at(argv, n):
+    """train.py ARGV in a new process killed (SIGKILL) just before its n-th training step."""
+    return python(code=KILLED_AT_STEP.format(here=str(HERE), n=n, rank="",
                                              argv=[str(a) for a in argv]))
 
 
 def before_call(monkeypatch, name, n, action, module=train):
-    """module.NAME with action() run just before its n-th call (in this process; run_signalled
+    """module.NAME with action() run just before its n-th call (in this process; killed_at
     does it in a new one); returns the list that counts the calls."""
     real, calls = getattr(module, name), []
 
@@ -1114,10 +1123,8 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     """... also where the value holds a newline: a control character is said as its escape."""
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    said = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
-    assert e.value.code != 0 and message in said and len(said.strip().splitlines()) == 1
+    status, said = ended(capsys, *args)
+    assert status != 0 and message in said and len(said.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind, length, message", [
@@ -1763,7 +1770,7 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
     epoch's end: the full-disk cases; with bf16 autocast: the SIGHUP case.)"""
     glue_dir, reference = uninterrupted
     argv = resumable(ckpt, glue_dir, tmp_path)
-    assert run_signalled(argv, 8).returncode == -signal.SIGKILL
+    assert killed_at(argv, 8).returncode == -signal.SIGKILL
     s = summary_in(tmp_path)                                  # valid JSON, still "running"
     assert s["status"] == "running" and len(s["epochs"]) == 1
     assert re.search("is unfinished .*pass --resume to continue it", refused(*argv))
@@ -2290,8 +2297,8 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
                        epochs=3, batch_size=5)
     (late := tmp_path / "late.py").write_text(LATE_RANK_1.format(here=str(HERE)))
     # the same run, with rank 0 (the writer) killed before step 5
-    (killed := tmp_path / "killed.py").write_text(SIGNAL_AT_STEP.format(
-        here=str(HERE), n=5, sig="SIGKILL", rank=" and os.environ['RANK'] == '0'", argv=None))
+    (killed := tmp_path / "killed.py").write_text(KILLED_AT_STEP.format(
+        here=str(HERE), n=5, rank=" and os.environ['RANK'] == '0'", argv=None))
     launches = [torchrun(tmp_path, argv(out), script=script, wait=False)
                 for out, script in (("ddp", late), ("cut", killed))]
     single = run_cli(*argv("single"))
@@ -2335,10 +2342,7 @@ def test_under_torchrun_rank_0_alone_says_a_refusal_and_shards_make_the_batch_me
         for rank in (0, 1):
             for k, v in (("RANK", rank), ("WORLD_SIZE", 2), ("LOCAL_RANK", rank)):
                 monkeypatch.setenv(k, str(v))
-            with pytest.raises(SystemExit) as e:
-                train.main([str(a) for a in argv])
-            text = e.value.code if isinstance(e.value.code, str) else ""  # Python prints it,
-            said.append((1 if text else e.value.code, capsys.readouterr().err + text))  # exit 1
+            said.append(ended(capsys, *argv))
         assert said[0][0] == said[1][0] == code and said[1][1] == ""
         assert said[0][1].strip() == f"train.py: error: {message}"
     losses = np.array([0.3, 1.2, 0.7, 2.0, 0.1])                # per example, a batch of 5
@@ -2813,7 +2817,7 @@ def test_train_on_cuda_with_bf16_and_compile_and_kill_and_resume_on_the_gpu_and_
     gpu_run = run_cli(*resumable(ckpt, glue_dir, tmp_path / "gpu", "--device", "cuda"))
     for first, then in (("cuda", "cuda"), ("cpu", "cuda"), ("cuda", "cpu")):
         out = tmp_path / f"{first}-{then}"
-        p = run_signalled(resumable(ckpt, glue_dir, out, "--device", first), 8)
+        p = killed_at(resumable(ckpt, glue_dir, out, "--device", first), 8)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
         resumed = run_cli(*resumable(ckpt, glue_dir, out, "--device", then, "--resume"))
         assert resumed["status"] == "finished" and resumed["device"] == str(torch.device(
