@@ -2325,7 +2325,7 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed at epoch 0, batch 3 (step 3)" in p.stdout
     assert same_outcome(outcome(tmp_path / "cut"), outcome(tmp_path / "ddp"))
-    p = torchrun
+
 
 def test_under_torchrun_rank_0_alone_says_a_refusal_and_shards_make_the_batch_mean(
         ckpt, glue_dir, tmp_path, monkeypatch, capsys):
