@@ -640,8 +640,7 @@ def lock_run(path):
                 break
             time.sleep(0.05)
         raise UsageError(f"{path.with_suffix('')} is being run by {holder or 'another process'}"
-                         f": one process per run "
-                         f"(wait for it to end, or stop it)") from None
+                         ": one process per run (wait for it to end, or stop it)") from None
     except (OSError, NotImplementedError) as e:  # NotImplementedError: filelock 3's "no flock"
         if getattr(e, "errno", errno.ENOSYS) not in NO_LOCKS:
             raise UsageError(f"cannot take the run's lock {path}: {why(e)}") from None
