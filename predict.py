@@ -1,8 +1,9 @@
-"""Use a finished run: score new sentences with it, or export it, from its files alone (<run>.json
-and <run>_adapter.safetensors beside it) and the pretrained checkpoint, on the CPU.
+"""Use a finished run: score sentences or a whole file with it, or export it, from its files alone
+(<run>.json and <run>_adapter.safetensors beside it) and the pretrained checkpoint, on the CPU.
 
     python predict.py .logs/FacebookAI_roberta-base/rte/<run>.json "A man is eating." "A man eats."
     {"task": "rte", "prediction": 0, "probabilities": [0.91, 0.09]}
+    python predict.py RUN.json --input dev.tsv --output preds.tsv   # with labels: its metrics too
     python predict.py RUN.json --save-merged DIR    # a plain HF checkpoint, adapters merged
     python predict.py RUN.json --save-peft DIR      # an exact PEFT LoRA adapter (rank 2r)
 
@@ -11,33 +12,31 @@ and <run>_adapter.safetensors beside it) and the pretrained checkpoint, on the C
     labels, probs = predict_texts(model, tokenizer, cfg.task, ["A man eats."], ["A man eats."])
 """
 import json
-import os
 import sys
-from contextlib import suppress
+from dataclasses import fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import torch
 
-from delora import adapters, add_adapters, load_adapter_state_dict, merge_adapters
-from glue import TASKS, Encoded, get_task
-from roberta import check_max_length, checkpoint_key, from_pretrained, load_tokenizer, resolve
-from roberta import read_safetensors, save_pretrained
-from glue import Parser, UsageError, check_writable, not_a_folder, say
-from glue import user_errors, write_atomic
-from run import command_line
+from cli import Parser, UsageError, check_output, command_line, not_a_folder, say, user_errors
+from cli import write_atomic
+from delora import adapters, load_adapter_state_dict
+from glue import compute_metrics, encode, get_task, label_of, read_tsv
+from roberta import check_max_length, checkpoint_key, load_tokenizer, read_safetensors
+from run import check_export, export_merged
+from train import TrainConfig, all_logits, build_model
 
-BUILD = ("task", "model", "method", "r", "lam", "alpha", "dropout", "max_length")  # the model's
 SAME = ("task", "seed", "method", "r", "lam", "alpha", "dropout", "max_length", "lr", "lam_lr",
         "lr_mult", "batch_size", "epochs")  # what an adapter and its run's JSON must agree on
+CAP = 20  # characters of a text kept per token of --max-length (`predict_texts`)
 
 
 def load_finetuned(run_json):
     """A run's JSON -> (model, tokenizer, cfg): the pretrained checkpoint with the run's best
-    adapter and head, in eval mode, on the CPU; cfg: the run's settings. A file that cannot
-    serve (not a run's JSON, a damaged adapter, another run's adapter) is a UsageError naming
-    it; a run that did not finish is said on stderr (its best adapter so far is used)."""
+    adapter and head (train.build_model), in eval mode, on the CPU; cfg: the run's TrainConfig.
+    A file that cannot serve (not a run's JSON, a damaged adapter, another run's adapter) is a
+    UsageError naming it; a run that did not finish is said on stderr (its best adapter so far
+    is used)."""
     run_json = Path(run_json)
     try:
         summary = json.loads(run_json.read_bytes())
@@ -45,14 +44,13 @@ def load_finetuned(run_json):
         raise UsageError(f"{run_json} is not valid JSON") from None
     if not (isinstance(summary, dict) and {"settings", "run_name"} <= set(summary)):
         raise UsageError(f"{run_json} is not a run summary (what train.py writes as <run>.json)")
-    s = summary["settings"]
-    if not (isinstance(s, dict) and set(BUILD) <= set(s) and s["task"] in TASKS
-            and s["method"] in ("delora", "lora")):
-        raise UsageError(f"{run_json} holds settings that are not train.py's (it needs "
-                         f"{', '.join(BUILD)})")
-    cfg, adapter = SimpleNamespace(**s), run_json.with_name(f"{summary['run_name']}"
-                                                             f"_adapter.safetensors")
-    done = f"{len(summary.get('epochs') or [])} of {s.get('epochs')} epoch(s)"
+    s, known = summary["settings"], {f.name for f in fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in s.items() if k in known})
+    except (TypeError, ValueError, AttributeError):
+        raise UsageError(f"{run_json} holds settings that are not train.py's") from None
+    adapter = run_json.with_name(f"{summary['run_name']}_adapter.safetensors")
+    done = f"{len(summary.get('epochs') or [])} of {cfg.epochs} epoch(s)"
     if not adapter.is_file():
         raise UsageError(f"no adapter {adapter} beside {run_json}" + (
             f" (the run is {summary.get('status')} after {done})" * (summary.get("status") !=
@@ -71,121 +69,88 @@ def load_finetuned(run_json):
             f"adapter so far is used", err=True)
     spec = get_task(cfg.task)
     with user_errors():  # the model folder may have gone, or hold another model
-        model = add_adapters(from_pretrained(cfg.model, num_labels=spec.num_labels),
-                             method=cfg.method, r=cfg.r, lam=cfg.lam, alpha=cfg.alpha,
-                             dropout=cfg.dropout)  # add_adapters' targets: query and value
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)
+        model = build_model(cfg, spec.num_labels)
         check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)
     try:
         load_adapter_state_dict(model, state)
     except ValueError as e:
         raise UsageError(f"{adapter} does not fit the model: {e}") from None
-    cfg.run_name = summary["run_name"]
+    cfg.name = summary["run_name"]
     return model.eval(), tokenizer, cfg
 
 
-def predict_texts(model, tokenizer, task, texts, texts_b=None):
-    """Score new examples: class ids (or STS-B scores) and, for classification, probabilities.
-    predict_texts(model, tok, "rte", ["A man eats."], ["A man is eating."]) -> ([0], [[.9, .1]])"""
+def predict_texts(model, tokenizer, task, texts, texts_b=None, batch_size=128):
+    """Score new examples: class ids (or STS-B scores) and, for classification, probabilities,
+    tokenized as in training (train.all_logits; padding changes nothing). A text longer than
+    CAP characters per token of the tokenizer's max length is cut there first (tokenizers'
+    truncation of a long pair takes memory quadratic in its length); below that, the tokens
+    are training's. predict_texts(model, tok, "rte", ["A man eats."], ["A man is eating."])
+    -> ([0], [[.9, .1]])"""
     pair = len(get_task(task).text_keys) == 2
     if pair != (texts_b is not None):
         raise ValueError(f"{task} scores a sentence pair: give TEXT and TEXT_B" if pair else
                          f"{task} scores single sentences: give TEXT alone")
-    texts = [cut(tokenizer, t, u) for t, u in zip(texts, texts_b or [None] * len(texts))]
-    enc = tokenizer.encode_batch([t if texts_b is None else tuple(t) for t in texts])
-    batch = Encoded([e.ids for e in enc], [e.type_ids for e in enc], np.zeros(len(enc)),
-                    model.config.pad_token_id).batch(np.arange(len(enc)))
-    with torch.inference_mode():
-        logits = model.eval()(batch["input_ids"], batch["attention_mask"],
-                              batch["token_type_ids"]).float()
+    cap = CAP * tokenizer.truncation["max_length"]
+    columns = {k: [t[:cap] for t in c] for k, c in zip(get_task(task).text_keys,
+                                                        (texts, texts_b))}
+    enc = encode(task, dict(columns, label=np.zeros(len(texts))), tokenizer,
+                 model.config.pad_token_id)
+    logits = all_logits(model, enc, batch_size)
     if get_task(task).num_labels == 1:
         return logits.squeeze(-1).tolist(), None
     return logits.argmax(-1).tolist(), logits.softmax(-1).tolist()
 
 
-def cut(tokenizer, text, text_b=None, slack=64):
-    """A text (or pair) cut short before it is encoded, so that encoding it costs memory linear
-    in its length -- encoding a long pair whole, `tokenizers` builds every combination of the
-    two texts' overflowing windows, quadratic -- and gives the same tokens as the whole one.
+def read_input(task, path):
+    """A file of examples to score -> (its texts, column by column; its labels, or None): GLUE's
+    TSV layout (with or without labels, glue.read_tsv), or JSON lines with the hub's keys
+    ({"sentence1": ..., "sentence2": ..., "label": ...}: label optional)."""
+    path, spec = Path(path), get_task(task)
+    if path.suffix != ".jsonl":
+        ds = read_tsv(task, path, labels=False)
+        return [ds[k] for k in spec.text_keys], ds["label"] if "label" in ds.column_names else None
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            rows.append(None)
+        if not (isinstance(rows[-1], dict) and all(isinstance(rows[-1].get(k), str)
+                                                   for k in spec.text_keys)):
+            raise ValueError(f"{path}, line {i}: not a JSON object with "
+                             f"{', '.join(spec.text_keys)} as text")
+    labeled = bool(rows) and all("label" in row for row in rows)
+    return [[row[k] for row in rows] for k in spec.text_keys], [
+        label_of(spec, row["label"], f"{path}, line {i}") for i, row in enumerate(rows, 1)
+    ] if labeled else None
 
-    Each text longer than the truncation's budget T (max length minus the special tokens) is
-    cut at the end of a word (the tokens before it are unchanged) just past T + 1 tokens; of a
-    pair, the one longest-first truncation treats as the longer stays the longer, which is all
-    that truncation reads of lengths above T. A word of more than `slack` tokens at the cut is
-    cut inside it (exact unless its BPE merges near the cut differ). Returns text, or a pair."""
-    max_length = tokenizer.truncation["max_length"]
-    budget = max_length - tokenizer.num_special_tokens_to_add(text_b is not None)
-    texts = [text] if text_b is None else [text, text_b]
-    truncation = tokenizer.truncation
-    tokenizer.no_truncation()
-    try:
-        alone = tokenizer.encode_batch(texts, add_special_tokens=False)
-    finally:
-        tokenizer.enable_truncation(**truncation)
-    n = [len(e.ids) for e in alone]
-    order = [0] if len(n) == 1 else ([0, 1] if n[0] <= n[1] else [1, 0])  # shorter/first first
-    kept = list(texts)
-    at_least = budget + 1
-    for i in order:
-        if n[i] > at_least:
-            j = next((j for j in range(at_least, min(n[i], at_least + slack))
-                      if alone[i].word_ids[j] != alone[i].word_ids[j - 1]),
-                     min(n[i], at_least + slack))
-            if j < n[i]:
-                kept[i] = texts[i][:alone[i].offsets[j - 1][1]]
-            n[i] = j
-        at_least = max(budget + 1, n[i] + 1)  # the longer (or the second of a tie) stays longer
-    return kept[0] if text_b is None else tuple(kept)
+
+def score_file(model, tokenizer, cfg, path, output=None):
+    """Every example of an input file (read_input) scored in batches: one prediction per line,
+    JSON lines, or TSV (index, prediction) for an output named .tsv; to stdout without output.
+    With labels, the task's metrics are the last line printed (and of a JSON-lines output)."""
+    texts, labels = read_input(cfg.task, path)
+    if not texts[0]:
+        raise UsageError(f"{path} holds no examples")
+    preds, probs = predict_texts(model, tokenizer, cfg.task, *texts,
+                                 batch_size=cfg.eval_batch_size)
+    tsv = output is not None and Path(output).suffix == ".tsv"
+    lines = ["index\tprediction"] * tsv + [
+        f"{i}\t{p}" if tsv else json.dumps(dict(index=i, prediction=p, **(
+            {"probabilities": probs[i]} if probs else {}))) for i, p in enumerate(preds)]
+    metrics = labels and compute_metrics(cfg.task, preds, labels)
+    last = [json.dumps(dict(metrics=metrics, examples=len(preds)))] if metrics else []
+    if output is None:
+        say("\n".join(lines + last))
+    else:
+        write_atomic(output, "\n".join(lines + last * (not tsv)) + "\n")
+        say("\n".join([f"{len(preds)} predictions written to {output}"] + last))
+    return preds, metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# Export
-
-def export_of(path):
-    """The run whose export the folder holds (a merged one's config.json, a PEFT one's weights'
-    metadata: delora_run), or None."""
-    with suppress(OSError, ValueError, AttributeError):
-        return json.loads((Path(path) / "config.json").read_text()).get("delora_run")
-    with suppress(Exception):
-        return read_safetensors(Path(path) / "adapter_model.safetensors")[1].get("delora_run")
-    return None
-
-
-def check_export_folder(folder, option, run, overwrite=False, holds=()):
-    """A folder an export replaces as a whole: not a mount point, not one holding what the run
-    reads or writes (`holds`: (what, path)), and, unless overwrite, empty or an export of this
-    run. A link to a folder: that folder."""
-    given = Path(folder)
-    problem = given.is_symlink() and not_a_folder(given)
-    if problem and problem != "no such folder":  # a link loop, a link to a file
-        raise UsageError(f"{option} {given}: {problem}")
-    path = given.resolve() if given.is_symlink() else given
-    if os.path.ismount(path):
-        raise UsageError(f"{option} {given} is a mount point: the export replaces its folder as "
-                         f"a whole, which a mount point cannot be; give a folder inside it")
-    for place in (path, path.parent):  # written beside it first
-        check_writable(place, option, given)
-    for what, other in holds:
-        if other and (what == "logs" or Path(other).is_dir()) and \
-                path.resolve() in (Path(other).resolve(), *Path(other).resolve().parents):
-            raise UsageError(f"{option} {path} would replace a folder that holds the run's "
-                             f"{what} ({other})")
-    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if names and not overwrite and export_of(path) != run:
-        raise UsageError(f"{option} {path} holds files that are not an export of this run "
-                         f"({', '.join(names[:4])}{', ...' * (len(names) > 4)}): choose another "
-                         f"folder, or pass --overwrite to replace it")
-
-
-def export_merged(model, folder, run, pretrained):
-    """The model (its best adapter and head loaded) with each adapter folded into its weight,
-    written as a plain HF checkpoint, with the pretrained checkpoint's tokenizer files, in
-    place of folder; its config.json names the run (delora_run), which may replace it again."""
-    merged, tokenizer = merge_adapters(model).cpu(), resolve(pretrained, "tokenizer").parent
-    write_atomic(folder, lambda tmp: save_pretrained(merged, tmp, tokenizer_from=tokenizer,
-                                                     delora_run=run))
-    say(f"merged model written to {folder}")
-
+# The PEFT export
 
 def export_peft(model, folder, run, pretrained):
     """The run as a PEFT LoRA adapter for `pretrained`, exactly: each adapter's ΔW = up @ down
@@ -219,11 +184,15 @@ def export_peft(model, folder, run, pretrained):
 
 
 def main(argv=None):
-    p = Parser(prog="predict.py", description="Score a sentence (pair) with a finished run, "
+    p = Parser(prog="predict.py", description="Score sentences or a file with a finished run, "
                                               "or export it.")
     p.add_argument("run_json", help="a run's summary JSON (beside its logs and adapter)")
     p.add_argument("text", nargs="?")
     p.add_argument("text_b", nargs="?", help="the second sentence, for pair tasks")
+    p.add_argument("--input", metavar="FILE", help="score every example of FILE: GLUE's TSV "
+                   "layout, or JSON lines (.jsonl) with the hub's keys; with labels, the metrics")
+    p.add_argument("--output", metavar="FILE", help="--input's predictions into FILE (.tsv: "
+                   "index and prediction; else JSON lines), not stdout")
     p.add_argument("--save-merged", metavar="DIR", help="write the model, adapters merged, as a "
                    "HF checkpoint into DIR")
     p.add_argument("--save-peft", metavar="DIR", help="write the adapters and the head as an exact "
@@ -231,13 +200,16 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
-        if not Path(args.run_json).is_file():  # what is there instead, in words
-            problem = not_a_folder(args.run_json)
-            raise UsageError(f"{args.run_json}: " + ("a folder, not a run's JSON" if not problem
-                                                     else problem.replace("folder", "file")))
-        if args.text is None and not (args.save_merged or args.save_peft):
-            raise UsageError("give TEXT (and TEXT_B) to score, or --save-merged DIR or "
-                             "--save-peft DIR to export")
+        for path in (args.run_json, args.input):
+            if path is not None and not Path(path).is_file():  # what is there instead, in words
+                problem = not_a_folder(path)
+                raise UsageError(f"{path}: " + ("a folder, not a file" if not problem else
+                                                problem.replace("folder", "file")))
+        if args.output:
+            check_output(args.output, "--output", folder=False)
+        if args.text is None and not (args.input or args.save_merged or args.save_peft):
+            raise UsageError("give TEXT (and TEXT_B) or --input FILE to score, or --save-merged "
+                             "DIR or --save-peft DIR to export")
         for i, text in enumerate(t for t in (args.text, args.text_b) if t is not None):
             try:
                 text.encode()
@@ -249,10 +221,12 @@ def main(argv=None):
             ("--save-peft", args.save_peft, export_peft),
             ("--save-merged", args.save_merged, export_merged)) if folder]
         for option, folder, _ in exports:  # both checked before either is written
-            check_export_folder(folder, option, cfg.run_name, args.overwrite,
-                                (("logs", Path(args.run_json).parent), ("model", cfg.model)))
+            check_export(folder, option, cfg.name, args.overwrite,
+                         (("logs", Path(args.run_json).parent), ("model", cfg.model)))
         for _, folder, export in exports:  # merging last: it changes the model
-            export(model, folder, cfg.run_name, cfg.model)
+            export(model, folder, cfg.name, cfg.model)
+        if args.input:
+            return score_file(model, tokenizer, cfg, args.input, args.output)
         if exports:
             return None
         b = None if args.text_b is None else [args.text_b]

