@@ -32,7 +32,9 @@ class AdapterLinear(nn.Module):
         if r > most:
             raise ValueError(f"rank r must be <= {most} for a {base.out_features} x "
                              f"{base.in_features} layer, got {r}")
-        self.base, self.r, self.merged = base.requires_grad_(False), r, False
+        self.base = base.requires_grad_(False)
+        self.r = r
+        self.merged = False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.factors_now = None  # set for one forward of a model by `add_adapters`' hook
 

@@ -96,7 +96,10 @@ class Tokens:
     """
 
     def __init__(self, rows, key_mask, batch, length):
-        self.rows, self.key_mask, self.batch, self.length = rows, key_mask, batch, length
+        self.rows = rows
+        self.key_mask = key_mask
+        self.batch = batch
+        self.length = length
 
     @classmethod
     def of(cls, attention_mask, B, T, keep_padding=False, rows=None):
@@ -162,7 +165,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         C = cfg.hidden_size
         self.n_head = cfg.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.query = nn.Linear(C, C)
+        self.key = nn.Linear(C, C)
+        self.value = nn.Linear(C, C)
         self.dense = nn.Linear(C, C)
         self.LayerNorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.attn_dropout = cfg.attention_probs_dropout_prob

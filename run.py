@@ -234,7 +234,9 @@ class StopRequest:
     processes agree on the step to stop at."""
 
     def __init__(self):
-        self.signum, self.previous, self.training = None, {}, False
+        self.signum = None
+        self.previous = {}
+        self.training = False
 
     def __enter__(self):
         with suppress(ValueError):  # not the main thread: signals stay as they are
@@ -380,106 +382,18 @@ class RunFiles:
         self.checkpointed, self.t_start = p.step, self.t_start - s.get("wall_time_s", 0)
         say(f"resumed at epoch {p.epoch + 1}, batch {p.done} (step {p.step})")
 
-    def show(self, loss):
-        """Progress: on a terminal a line rewritten at each loss check; into a file a line about
-        every 60 s and 10 % of the epoch. Examples/s: since this process began (or resumed)."""
-        p, now, tty = self.progress, time.monotonic(), sys.stdout and sys.stdout.isatty()
-        if p.done == len(self.order) or not (tty or now - self.shown[0] >= 60 or
-                                             10 * (p.done - self.shown[1]) >= len(self.order)):
-            return
-        self.shown, total = (now, p.done), self.cfg.epochs * len(self.order)
-        eta = (now - self.t_epoch) / (p.done - self.first) * (total - p.step)
-        seen = sum(map(len, self.order[self.first:p.done]))
-        say(f"epoch {p.epoch + 1}/{self.cfg.epochs} [{'#' * (20 * p.done // len(self.order)):20}]"
-            f" step {p.done}/{len(self.order)}, run {p.step}/{total}  loss {loss:.4f}  "
-            f"{seen / (now - self.t_epoch):.1f} ex/s  ETA "
-            f"{datetime.timedelta(seconds=round(eta))}", end="\r" if tty else "\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
-class Run(RunFiles):
-    """One run as seen from outside the protocol (the module docstring says how)."""
-
-    def __init__(self, cfg):
-        self.cfg, self.dist, self.stop = cfg, Dist.from_env(), StopRequest()
-        self.main, self.progress, self.summary = self.dist.rank == 0, Progress(), None
-        self.lock, self.started, self.t_start = None, False, time.monotonic()
-        if cfg.batch_size < self.dist.world:  # before the processes wait for each other
-            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world}"
-                             f" processes: each needs at least one example of every batch")
-        with user_errors():
-            self.device = self.dist.start(cfg.device)
-            self.paths = run_paths(cfg)  # named by the settings, the model's and data's files
-        check_output(self.paths["json"].parent, "--out-dir", given=cfg.out_dir)  # the run's
-        if self.main and self.paths["lock"].exists():  # it may be running: then say who runs it
-            self.lock = take_lock(self.paths["lock"])
-        try:
-            ended = existing_run(cfg, self.paths) == "ended"
-        except UsageError:  # refused before the run began: the lock goes too (train() in a
-            self.unlock()   # notebook may try again)
-            raise
-        if ended:  # finished or diverged earlier
-            self.summary = read_summary(self.paths["json"])
-            say(f"{self.paths['json']}: already {self.summary['status']}; nothing to resume")
-
-    def __enter__(self):  # the stop signals, and TF32 on CUDA, for the run only
-        self.stop.__enter__()
-        self.tf32 = tf32(self.device)
-        self.tf32.__enter__()
-        return self
-
-    def distribute(self, model):
-        """What training calls: compiled if asked (dynamic: the token count changes with every
-        batch), in DDP under torchrun (each process's dropout seeded from the seed and rank)."""
-        if self.dist.rank:
-            torch.manual_seed(self.cfg.seed + 100_003 * self.dist.rank)
-        forward = torch.compile(model, dynamic=True) if self.cfg.compile else model
-        if self.dist.world > 1:
-            forward = torch.nn.parallel.DistributedDataParallel(  # buffers (A₀, B₀, w) are
-                forward, **{NO_RESEND: False},  # equal everywhere and never change: no resend
-                device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return forward
-
-    def start(self, model, optimizer, scheduler, best):
-        """From here a stop signal stops at the next step, with a checkpoint. The lock (rank 0),
-        what is on disk decided for good, what killed writes left removed; on --resume the
-        checkpoint restored, the protocol's `best` too. Returns the epoch to start at."""
-        self.model, self.optimizer, self.scheduler, self.best = model, optimizer, scheduler, best
-        cfg, paths = self.cfg, self.paths
-        if self.stop.signum:  # asked while loading
-            raise Interrupted(f"stopped by {signal.Signals(self.stop.signum).name} while loading, "
-                              f"before anything was written: start it again with the same line "
-                              f"(with --resume, or without)", self.stop.signum)
-        self.stop.training = True
-        if self.main:
-            self.lock = self.lock or take_lock(paths["lock"])
-            for key in ("log", "test", "json", "adapter", "checkpoint"):
-                remove_stale(paths[key])
-        decision = existing_run(cfg, paths)
-        self.dist.barrier()  # every rank has decided before rank 0 writes the new JSON
-        if decision == "ended":
-            raise UsageError(f"{paths['json']} ended while this process was starting")
-        for key in ("checkpoint", "adapter") if cfg.overwrite and self.main else ():
-            paths[key].unlink(missing_ok=True)
-        self.summary = self.new_summary(tf32=self.device.type == "cuda" and
-                                        torch.backends.cuda.matmul.allow_tf32)
-        self.checkpointed = None  # the step of the last checkpoint
-        if decision == "resume":
-            self.restore()
-        elif cfg.resume:
-            say(f"nothing to resume under {paths['json'].with_suffix('')}: starting from the "
-                f"beginning")
-        self.saved, self.started = json.dumps(self.summary), True
-        if self.main:
-            self.write_outputs(best["adapter"])
-        return self.progress.epoch
+class Steps:
+    """An epoch's steps, as a run sees them: the batches, the losses, progress, the stop."""
 
     def batches(self, order):
         """This epoch's batches (the protocol's order) from where the run stands."""
         self.order, p = order, self.progress
-        self.t_epoch, self.first, self.window = time.monotonic(), p.done, []
+        self.t_epoch = time.monotonic()
+        self.first = p.done
+        self.window = []
         self.shown = (self.t_epoch, p.done)  # when, and after which batch, progress was shown
         for i in range(p.done, len(order)):
             yield order[i]
@@ -532,7 +446,9 @@ class Run(RunFiles):
                           seconds=round(time.monotonic() - self.t_epoch, 2))
             self.summary["epochs"].append(record)
             self.summary.update(best_epoch=best["epoch"], val=best["val"], test=best["test"])
-        p.epoch, p.done, p.loss_sum = p.epoch + 1, 0, 0.0
+        p.epoch = p.epoch + 1
+        p.done = 0
+        p.loss_sum = 0.0
         self.checkpoint()
         if self.main:
             self.write_outputs(best["adapter"] if "test" in record else None)
@@ -542,6 +458,109 @@ class Run(RunFiles):
         if p.epoch == self.cfg.epochs and self.stop.signum:
             say(f"{signal.Signals(self.stop.signum).name} after the last step: the run finishes "
                 f"instead of stopping")
+
+    def show(self, loss):
+        """Progress: on a terminal a line rewritten at each loss check; into a file a line about
+        every 60 s and 10 % of the epoch. Examples/s: since this process began (or resumed)."""
+        p, now, tty = self.progress, time.monotonic(), sys.stdout and sys.stdout.isatty()
+        if p.done == len(self.order) or not (tty or now - self.shown[0] >= 60 or
+                                             10 * (p.done - self.shown[1]) >= len(self.order)):
+            return
+        self.shown, total = (now, p.done), self.cfg.epochs * len(self.order)
+        eta = (now - self.t_epoch) / (p.done - self.first) * (total - p.step)
+        seen = sum(map(len, self.order[self.first:p.done]))
+        say(f"epoch {p.epoch + 1}/{self.cfg.epochs} [{'#' * (20 * p.done // len(self.order)):20}]"
+            f" step {p.done}/{len(self.order)}, run {p.step}/{total}  loss {loss:.4f}  "
+            f"{seen / (now - self.t_epoch):.1f} ex/s  ETA "
+            f"{datetime.timedelta(seconds=round(eta))}", end="\r" if tty else "\n")
+
+
+
+class Run(Steps, RunFiles):
+    """One run as seen from outside the protocol (the module docstring says how)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.dist = Dist.from_env()
+        self.stop = StopRequest()
+        self.main = self.dist.rank == 0
+        self.progress = Progress()
+        self.summary = None
+        self.lock = None
+        self.started = False
+        self.t_start = time.monotonic()
+        if cfg.batch_size < self.dist.world:  # before the processes wait for each other
+            raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world}"
+                             f" processes: each needs at least one example of every batch")
+        with user_errors():
+            self.device = self.dist.start(cfg.device)
+            self.paths = run_paths(cfg)  # named by the settings, the model's and data's files
+        check_output(self.paths["json"].parent, "--out-dir", given=cfg.out_dir)  # the run's
+        if self.main and self.paths["lock"].exists():  # it may be running: then say who runs it
+            self.lock = take_lock(self.paths["lock"])
+        try:
+            ended = existing_run(cfg, self.paths) == "ended"
+        except UsageError:  # refused before the run began: the lock goes too (train() in a
+            self.unlock()   # notebook may try again)
+            raise
+        if ended:  # finished or diverged earlier
+            self.summary = read_summary(self.paths["json"])
+            say(f"{self.paths['json']}: already {self.summary['status']}; nothing to resume")
+
+    def __enter__(self):  # the stop signals, and TF32 on CUDA, for the run only
+        self.stop.__enter__()
+        self.tf32 = tf32(self.device)
+        self.tf32.__enter__()
+        return self
+
+    def distribute(self, model):
+        """What training calls: compiled if asked (dynamic: the token count changes with every
+        batch), in DDP under torchrun (each process's dropout seeded from the seed and rank)."""
+        if self.dist.rank:
+            torch.manual_seed(self.cfg.seed + 100_003 * self.dist.rank)
+        forward = torch.compile(model, dynamic=True) if self.cfg.compile else model
+        if self.dist.world > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(  # buffers (A₀, B₀, w) are
+                forward, **{NO_RESEND: False},  # equal everywhere and never change: no resend
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return forward
+
+    def start(self, model, optimizer, scheduler, best):
+        """From here a stop signal stops at the next step, with a checkpoint. The lock (rank 0),
+        what is on disk decided for good, what killed writes left removed; on --resume the
+        checkpoint restored, the protocol's `best` too. Returns the epoch to start at."""
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.best = best
+        cfg, paths = self.cfg, self.paths
+        if self.stop.signum:  # asked while loading
+            raise Interrupted(f"stopped by {signal.Signals(self.stop.signum).name} while loading, "
+                              f"before anything was written: start it again with the same line "
+                              f"(with --resume, or without)", self.stop.signum)
+        self.stop.training = True
+        if self.main:
+            self.lock = self.lock or take_lock(paths["lock"])
+            for key in ("log", "test", "json", "adapter", "checkpoint"):
+                remove_stale(paths[key])
+        decision = existing_run(cfg, paths)
+        self.dist.barrier()  # every rank has decided before rank 0 writes the new JSON
+        if decision == "ended":
+            raise UsageError(f"{paths['json']} ended while this process was starting")
+        for key in ("checkpoint", "adapter") if cfg.overwrite and self.main else ():
+            paths[key].unlink(missing_ok=True)
+        self.summary = self.new_summary(tf32=self.device.type == "cuda" and
+                                        torch.backends.cuda.matmul.allow_tf32)
+        self.checkpointed = None  # the step of the last checkpoint
+        if decision == "resume":
+            self.restore()
+        elif cfg.resume:
+            say(f"nothing to resume under {paths['json'].with_suffix('')}: starting from the "
+                f"beginning")
+        self.saved, self.started = json.dumps(self.summary), True
+        if self.main:
+            self.write_outputs(best["adapter"])
+        return self.progress.epoch
 
     def unlock(self):
         if self.lock is not None:

@@ -347,7 +347,10 @@ class FullDisk:
     fails as on a full disk (OSError ENOSPC)."""
 
     def __init__(self, target, nth=1, times=1):
-        self.target, self.nth, self.times, self.seen = target, nth, times, 0
+        self.target = target
+        self.nth = nth
+        self.times = times
+        self.seen = 0
 
     def __call__(self, file, mode="r", *args, **kwargs):
         f, hit = open(file, mode, *args, **kwargs), "w" in mode and self.target in Path(file).name
@@ -803,7 +806,9 @@ class ReplayedDropout(nn.Module):
 
     def __init__(self, p, seed, current):
         super().__init__()
-        self.p, self.g, self.current = p, torch.Generator().manual_seed(seed), current
+        self.p = p
+        self.g = torch.Generator().manual_seed(seed)
+        self.current = current
 
     def forward(self, x):                                        # x: (N, C), the real tokens
         B, T = self.current["attention_mask"].shape
