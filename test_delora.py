@@ -636,9 +636,11 @@ def test_a_model_computes_all_factors_in_one_call_the_same_and_starts_exactly_at
     state = delora.adapter_state_dict(model)
     state["layers.0.attention.query.A0"] = state["layers.0.attention.query.A0"] + 1
     delora.load_adapter_state_dict(model, state)     # what the model keeps follows the load
-    with torch.no_grad():
-        model(ids, mask)
+    with torch.inference_mode():                     # kept while predicting (train.predict) ...
+        model.eval()(ids, mask)
     assert seen == [True] * 8
+    model.train()(ids, mask).sum().backward()        # ... serves training too
+    assert all(m.A.grad is not None for _, m in delora.adapters(model))
 
 
 def test_add_adapters_wraps_query_value_freezes_the_rest_and_the_bound_holds_at_lr_10(ckpt):
@@ -1100,6 +1102,41 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
     assert both[0] == {(False, torch.bfloat16), (True, torch.float32)}  # the head stays fp32
     assert both[1] < 0.5 * plain[1] and both[2]["status"] == "finished"
     assert re.search(r"_grouped_bf16_data[0-9a-f]{8}_seed0$", both[2]["run_name"])
+
+
+def test_under_bf16_the_frozen_weights_are_cast_once_to_the_values_autocast_would_use(ckpt):
+    """--bf16: every frozen Linear is held in bfloat16 (train.frozen_in_bf16), not cast in each
+    step; A, B, λ, w, the head, LayerNorm and the embeddings stay float32. The logits and the
+    gradients are those of autocast over the float32 model, exactly; a step has fewer ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+    plain, held = trained(ckpt, dropout=0.1), trained(ckpt, dropout=0.1)
+    train.frozen_in_bf16(held)
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    assert dtypes["layers.0.intermediate.weight"] == dtypes["layers.1.attention.key.bias"] == \
+        dtypes["layers.0.attention.query.base.weight"] == torch.bfloat16
+    assert {dtypes[n] for n, p in held.named_parameters() if p.requires_grad} == {torch.float32}
+    assert dtypes["layers.0.LayerNorm.weight"] == dtypes["embeddings.word_embeddings.weight"] \
+        == held.get_submodule("layers.0.attention.query").w.dtype == torch.float32
+    ids, mask = padded_batch()
+    batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    results = []
+    for model in (plain.train(), held.train()):
+        torch.manual_seed(0)                                     # the same dropout masks
+        with Casts() as casts:
+            casts.n = 0
+            loss = train.loss_fn(train.logits_of(model, batch, bf16=True), torch.ones(5).long())
+            loss.backward()
+        results.append((casts.n, loss.item(), {n: p.grad for n, p in model.named_parameters()
+                                               if p.requires_grad}))
+    (casts_plain, loss_plain, grads_plain), (casts_held, loss_held, grads_held) = results
+    assert loss_plain == loss_held and grads_plain.keys() == grads_held.keys()
+    assert all(torch.equal(grads_plain[n], grads_held[n]) for n in grads_plain)
+    assert casts_held < casts_plain                       # no weight cast in the step any more
 
 
 @pytest.mark.parametrize("args, message", [
@@ -2635,6 +2672,38 @@ def test_predict_says_when_a_run_did_not_finish_and_uses_its_best_adapter_so_far
     assert e.value.code == 0 and "run_json" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"predict\.py: error: .*nope\.json: no such file"):
         predict.main([str(tmp_path / "nope.json"), "A text."])
+
+
+def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_metric(
+        finished_run, tmp_path, capsys):
+    """predict.py RUN.json --input FILE: GLUE's TSV layout or JSON lines, with or without
+    labels; one prediction per line (JSON lines, or TSV into a .tsv --output); with labels the
+    task's metrics the last line. On the run's own test examples: its own test metric."""
+    run_json = finished_run[0]
+    s = json.loads(run_json.read_text())
+    _, _, test_ds = glue.load_glue("rte", s["seed"], s["settings"]["data"])
+    rows = [f"{i}\t{a}\t{b}\t{('entailment', 'not_entailment')[y]}\n" for i, (a, b, y) in
+            enumerate(zip(test_ds["sentence1"], test_ds["sentence2"], test_ds["label"]))]
+    (tmp_path / "test.tsv").write_text(RTE_HEADER + "".join(rows))
+    capsys.readouterr()
+    preds, metrics = predict.main([str(run_json), "--input", str(tmp_path / "test.tsv")])
+    lines = capsys.readouterr().out.splitlines()
+    assert metrics == s["test"] and json.loads(lines[-1]) == dict(metrics=s["test"],
+                                                                  examples=len(rows))
+    assert [json.loads(line)["prediction"] for line in lines[:-1]] == preds
+    assert len(preds) == len(rows) and set(json.loads(lines[0])) == {"index", "prediction",
+                                                                     "probabilities"}
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(dict(sentence1=a, sentence2=b)) +
+                                                  "\n" for a, b in zip(test_ds["sentence1"],
+                                                                       test_ds["sentence2"])))
+    assert predict.main([str(run_json), "--input", str(tmp_path / "plain.jsonl"), "--output",
+                         str(tmp_path / "out" / "preds.tsv")]) == (preds, None)  # no labels
+    assert (tmp_path / "out" / "preds.tsv").read_text().splitlines() == \
+        ["index\tprediction"] + [f"{i}\t{p}" for i, p in enumerate(preds)]
+    assert capsys.readouterr().out.startswith(f"{len(preds)} predictions written to ")
+    (tmp_path / "bad.jsonl").write_text('{"sentence1": "A man."}\n')
+    assert refused(run_json, "--input", tmp_path / "bad.jsonl", main=predict.main).endswith(
+        "bad.jsonl, line 1: not a JSON object with sentence1, sentence2 as text")
 
 
 def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
