@@ -717,11 +717,14 @@ def test_the_forward_compiles_as_one_graph(ckpt):
 
 @pytest.mark.slow
 def test_walkthrough_prints_and_asserts_every_claim(tmp_path, monkeypatch, capsys):
-    """walkthrough.py run as `python walkthrough.py` runs it, in this process (a new one would
-    import torch again): every section's numbers, every claim asserted."""
+    """walkthrough.py run as `python walkthrough.py --figure PNG` runs it, in this process (a
+    new one would import torch again): every section's numbers, every claim asserted; its figure
+    where asked, the tracked one untouched."""
     import runpy
-    monkeypatch.setenv("WALKTHROUGH_FIGURE", str(tmp_path / "b.png"))
+    monkeypatch.delenv("WALKTHROUGH_FIGURE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["walkthrough.py", "--figure", str(tmp_path / "b.png")])
     monkeypatch.chdir(tmp_path)
+    tracked = (HERE / "figures" / "walkthrough_bound.png").read_bytes()
     on_pipe = signal.getsignal(signal.SIGPIPE)   # it sets SIGPIPE's, for `| head`
     with torch.random.fork_rng():
         try:
@@ -732,10 +735,11 @@ def test_walkthrough_prints_and_asserts_every_claim(tmp_path, monkeypatch, capsy
     headers = [line for line in out.splitlines() if re.match(r"\d+\. ", line)]
     assert [h.split(".")[0] for h in headers] == [str(i) for i in range(1, 11)]
     assert "c: PEFT, B = 0" in out and "    128 | 0.35" in out
-    assert "trained directions:" in out and "its cap |λ|·max w" in out
+    assert "from r = 16 to 64 the trained value goes" in out and "its upper bound |λ|" in out
     assert out.rstrip().endswith("all claims hold.")
     assert MINILM is None or out.startswith("layer: all-MiniLM-L6-v2, layers.0.attention")
     assert (tmp_path / "b.png").is_file() or "no matplotlib" in out
+    assert (HERE / "figures" / "walkthrough_bound.png").read_bytes() == tracked
 
 
 # =============================================================================================
@@ -1915,6 +1919,27 @@ def test_resume_cases_are_one_line_each(ckpt, glue_dir, tmp_path, capsys):
         refused(*argv)
 
 
+def test_a_checkpoint_written_on_a_gpu_this_machine_lacks_resumes_here(ckpt, glue_dir, tmp_path,
+                                                                        monkeypatch):
+    """Every tensor of a checkpoint is read onto the CPU first and the random streams of the
+    run's own GPU only are put back: one written on cuda:7 (its storages say so) resumes on a
+    machine without it, on its one GPU or on the CPU, where a GPU's stream has no use."""
+    argv = args_of(ckpt, glue_dir, tmp_path, "--save-every", 2, epochs=2)
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:7")
+    monkeypatch.setattr(run, "rng_state", functools.partial(
+        lambda real, device, restore=None: real(device, restore) if restore else dict(
+            real(device), cuda=torch.zeros(16, dtype=torch.uint8)), run.rng_state))
+    before_call(monkeypatch, "train_step", 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit):
+        run_cli(*argv)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):       # as written: storages of cuda:7
+        torch.load(next(tmp_path.rglob("*_checkpoint.pt")), weights_only=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = run_cli(*argv, "--resume", "--device", device)
+    assert s["status"] == "finished" and s["resumed_on"] == [str(run.Dist().start(device))]
+
+
 def test_resume_with_nothing_to_resume_starts_from_the_beginning(ckpt, glue_dir, tmp_path,
                                                                  capsys):
     """The requeue docs/long-runs.md gives (the same line, with --resume) always works: with no
@@ -2385,7 +2410,7 @@ def test_under_torchrun_rank_0_alone_says_a_refusal_and_shards_make_the_batch_me
         ckpt, glue_dir, tmp_path, monkeypatch, capsys):
     """Every process checks the command: a bad one ends them all with the same exit code, and
     only rank 0 says why (the environment torchrun sets, in this process), before any process
-    waits for another. Each process's part of a batch, weighted, makes DDP's averaged
+    waits for another; a fault of one process's own is said by it. Each process's part of a batch, weighted, makes DDP's averaged
     gradients the whole batch's mean."""
     for argv, code, message in (
             (["wnli", "0"], 2, "unknown task 'wnli'; valid: mnli, sst2, mrpc, cola, qnli, qqp, "
@@ -2399,6 +2424,11 @@ def test_under_torchrun_rank_0_alone_says_a_refusal_and_shards_make_the_batch_me
             said.append(ended(capsys, *argv))
         assert said[0][0] == said[1][0] == code and said[1][1] == ""
         assert said[0][1].strip() == f"train.py: error: {message}"
+    with pytest.raises(SystemExit) as e:  # a fault of this process's own: said by it, its rank
+        with cli.command_line("train.py"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert str(e.value.code).startswith("train.py: rank 1: error: out of memory (CUDA out of "
+                                        "memory. Tried to allocate 2.00 GiB): free memory")
     losses = np.array([0.3, 1.2, 0.7, 2.0, 0.1])                # per example, a batch of 5
     for batch in (np.arange(5), np.arange(1)):                  # 3 + 2 examples; 1 + none
         parts = [train.shard(batch, run.Dist(rank=r, world=2)) for r in (0, 1)]
@@ -2879,15 +2909,12 @@ def test_train_on_cuda_with_bf16_and_compile_and_kill_and_resume_on_the_gpu_and_
 
 
 @gpu
-def test_on_cuda_a_checkpoint_from_more_gpus_resumes_and_out_of_memory_is_one_line(
-        ckpt, glue_dir, tmp_path, monkeypatch):
+def test_on_cuda_out_of_memory_is_one_line_and_the_run_resumes(ckpt, glue_dir, tmp_path,
+                                                               monkeypatch):
     argv = args_of(ckpt, glue_dir, tmp_path, "--device", "cuda", "--save-every", 2, epochs=2)
-    state = run.rng_state(np.random.RandomState(0), torch.device("cuda:0"))
-    older = dict(state, cuda=[state["cuda"]] * 4)           # as saved with 4 GPUs visible
-    run.rng_state(np.random.RandomState(0), torch.device("cuda:0"), restore=older)
     before_call(monkeypatch, "train_step", 4, lambda: torch.empty(1 << 46, device="cuda"))
-    with pytest.raises(SystemExit, match=r"out of memory at epoch 0, step 4 .*--resume "
-                                         r"continues from the checkpoint of step 2$"):
+    with pytest.raises(SystemExit, match=r"out of memory \(CUDA out of memory.*--resume "
+                                         r"continues from the checkpoint of step 2: "):
         run_cli(*argv)
     monkeypatch.undo()
     assert run_cli(*argv, "--resume")["status"] == "finished"
