@@ -9,7 +9,8 @@ import math
 import torch
 import torch.nn as nn
 
-NORM_EPS = 1e-4  # norms are clamped to this, so a collapsed rank-one term cannot divide by 0
+NORM_EPS = 1e-4  # norms are clamped to this, so a collapsed rank-one term cannot divide by 0;
+# below it a term is no longer unit-norm (its ΔW part shrinks with the norm)
 
 
 def _kaiming(*shape):
@@ -103,22 +104,26 @@ class DeLoRALinear(AdapterLinear):
       initial copies): rescaling a row of A or a column of B by a positive factor changes
       nothing (while their norms stay above the clamp, 1e-4). That is the decoupling of the
       title: A and B set the angles, λ scales. λ does not set the size on its own: D is 0 at
-      the start and can become non-zero only once the directions turn away from where they
-      began (not every turn makes it so: flipping the signs of a_i and b_i together, or
-      swapping two terms, leaves it 0), and ‖D‖_F ≤ 2·max_j w_j; λ scales D and so caps ‖ΔW‖_F
-      at 2|λ|·max_j w_j, and how far the angles have turned decides how much of the cap is used.
+      the start and becomes non-zero when the directions turn away from where they began (not
+      every turn makes it so: flipping the signs of a_i and b_i together, or swapping two
+      terms, leaves it 0) or when a norm falls below the clamp, where Ξ no longer makes its
+      term unit-norm; ‖D‖_F ≤ 2·max_j w_j, so λ scales D and caps ‖ΔW‖_F at 2|λ|·max_j w_j,
+      and how far the angles have turned decides how much of the cap is used.
     - Each normalized term has unit Frobenius norm, so ‖B Ξ A‖_F ≤ r, whatever the learning
       rate does to A and B (Eq. 6); dividing by r makes the *bound* |λ| for every rank (Eq. 7).
       The value itself is not rank-independent: for random, independent directions, as at the
-      start, it is about |λ|/√r (the terms are nearly orthogonal); directions that training
-      has correlated give more, and only aligned terms reach |λ| (walkthrough section 10).
+      start, it is about |λ|/√r (the terms are nearly orthogonal); trained directions give
+      more (walkthrough section 10: from r = 16 to 64 they hardly fall), and only aligned
+      terms reach |λ|.
     - Scaling column j by the pretrained column norm w_j makes the update relative to the
       weights it changes, mimicking multiplicative fine-tuning (Eq. 8). With w and the frozen
       term, ‖ΔW‖_F ≤ 2|λ|·max_j w_j, a loose ball; from a given start the frozen term is fixed
-      (up to λ): a run stays within |λ|·max_j w_j + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F (walkthrough, 10).
+      (up to λ): a run stays within |λ|·max_j w_j + ‖(λ/r) B₀ Ξ₀ A₀ ⊙ w‖_F, an upper bound
+      for that start which no run reaches (walkthrough, 10).
     - Subtracting the frozen copy of the initial update makes ΔW exactly 0 at the start while A
-      and B are both random (kaiming-uniform), Eq. 9: zero-initializing B as LoRA does would
-      put ‖b_i‖ = 0 in Ξ's denominator, and the paper found starts from a small ε unstable.
+      and B are both random (kaiming-uniform), Eq. 9. Zero-initializing B as LoRA does puts
+      ‖b_i‖ = 0 in Ξ's denominator, defined only by the clamp (then ΔW = 0: PEFT's start,
+      walkthrough section 9), and the paper found starts from a small ε unstable.
       Because the frozen term is scaled by the same λ, D = 0 at init and so dL/dλ = 0 exactly:
       λ starts learning only once A and B have moved.
     - λ is trained at its own learning rate and, as in the official code, weight-decayed (AdamW
