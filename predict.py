@@ -3,7 +3,7 @@
 
     python predict.py .logs/FacebookAI_roberta-base/rte/<run>.json "A man is eating." "A man eats."
     {"task": "rte", "prediction": 0, "probabilities": [0.91, 0.09]}
-    python predict.py RUN.json --input dev.tsv --output preds.tsv   # with labels: its metrics too
+    python predict.py RUN.json --input dev.tsv      # one prediction a line; with labels, metrics
     python predict.py RUN.json --save-merged DIR    # a plain HF checkpoint, adapters merged
     python predict.py RUN.json --save-peft DIR      # an exact PEFT LoRA adapter (rank 2r)
 

@@ -1827,6 +1827,10 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
     assert killed_at(argv, 8).returncode == -signal.SIGKILL
     s = summary_in(tmp_path)                                  # valid JSON, still "running"
     assert s["status"] == "running" and len(s["epochs"]) == 1
+    text, data = report.report(report.load_runs(tmp_path))  # its process gone: stopped
+    command = train.parse_args([str(a) for a in argv]).command()
+    assert f": stopped (its JSON says running, but its process is gone), 1 of 3 epoch(s); resume: " \
+           f"python train.py {command} --resume\n" in text and len(data["unfinished"]) == 1
     assert re.search(r"is unfinished \(stopped: its process is gone, 1 epoch\(s\) done\): resume "
                      r"it with python train.py rte 3 .*--resume, or pass --overwrite", refused(*argv))
     assert not leftovers(tmp_path)                            # refused, it let go of the lock
@@ -2506,8 +2510,7 @@ def test_report_names_models_and_data_by_name_and_by_tag_only_to_tell_them_apart
                                "final_model (final_model-99999999) delora (data=glue)"}
 
 
-def test_report_skips_what_is_not_a_run_naming_it_and_shows_a_gone_process_as_stopped(
-        ckpt, glue_dir, tmp_path, capsys):
+def test_report_skips_what_is_not_a_run_naming_it(tmp_path, capsys):
     fake_run(tmp_path, "rte", 42, 0.7)
     fake_run(tmp_path, "stsb", 42, None, status="finished")            # finished, no result
     (tmp_path / "rte" / "broken.json").write_text('{"task": "rte", ')       # killed mid-write
@@ -2524,13 +2527,6 @@ def test_report_skips_what_is_not_a_run_naming_it_and_shows_a_gone_process_as_st
     for name in ("broken.json", "bench.json", "list.json", "alien.json", "edited.json"):
         assert f"{name}: not a run summary (" in err
     assert "KeyError: 'accuracy'" in err and len(data["no_result"]) == 1
-    argv = args_of(ckpt, glue_dir, tmp_path / "logs")           # killed outright, at step 3
-    assert killed_at(argv, 3).returncode == -signal.SIGKILL
-    assert summary_in(tmp_path / "logs")["status"] == "running" and leftovers(tmp_path / "logs")
-    text, data = report.report(report.load_runs(tmp_path / "logs"))
-    command = train.parse_args([str(a) for a in argv]).command()
-    assert f": stopped (its JSON says running, but its process is gone), 0 of 1 epoch(s); resume: " \
-           f"python train.py {command} --resume\n" in text and len(data["unfinished"]) == 1
 
 
 @pytest.mark.parametrize("option, target", [
