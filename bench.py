@@ -86,8 +86,11 @@ def time_steps(model, batches, device, bf16=False, warmup=2):
 def count_ops(config, batch_size=2, seq_len=16):
     """Kernels a training step issues, counted on the CPU: every aten op that reaches the
     dispatcher, views excluded (they launch nothing on a GPU), in the forward, the backward and
-    the optimizer step, for roberta-base shapes with r = 8 on query and value. On a GPU each
-    costs a launch (a few microseconds of CPU time) whatever its size."""
+    the optimizer step, for roberta-base shapes with r = 8 on query and value, on a batch with
+    padding (so the real tokens are gathered and scattered, as in a run) and with fused AdamW,
+    as a CUDA run has them. On a GPU each costs a launch (a few microseconds of CPU time)
+    whatever its size. Attention and dropout are counted as the CPU runs them: several ops
+    each, where CUDA runs one kernel."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -96,8 +99,10 @@ def count_ops(config, batch_size=2, seq_len=16):
             return func(*args, **(kwargs or {}))
     model = build(config, torch.device("cpu")).train()
     optimizer = torch.optim.AdamW(train.param_groups(model, train.TrainConfig("rte", 0)),
-                                  foreach=True)  # what a GPU runs (the CPU's default: a loop)
+                                  fused=True)  # what a CUDA run uses (train.py)
     batch = random_batches(1, batch_size, seq_len)[0]
+    batch["attention_mask"][1:, seq_len // 2:] = 0                 # padding after half of each
+    batch["rows"] = batch["attention_mask"].flatten().nonzero().squeeze(1)  # but the first
     counts = {}
     for _ in range(2):  # the second step: AdamW's state exists, as in every later step
         with Counter() as forward:

@@ -74,33 +74,32 @@ class Fault(NamedTuple):
     own: bool         # this process's own: under torchrun each says its own, naming its rank
 
 
-# How a command ends, one row per kind of fault: the first whose test the exception passes.
-# Anything else is a bug: its traceback is worth seeing (a run's JSON still says `failed`).
-FAULTS = [  # (test, line, status: None = the RunError's own, --resume goes on, code, own)
-    (lambda e: isinstance(e, Interrupted), "{e}", "interrupted", True, None, False),
-    (lambda e: isinstance(e, KeyboardInterrupt), "stopped at once (Ctrl-C)", "interrupted", True,
-     130, False),
-    (lambda e: isinstance(e, UsageError), "error: {e}", "failed", False, 1, False),
-    (lambda e: isinstance(e, RunError), "error: {e}", None, None, 1, False),
+# How a command ends, one row per kind of fault: the first row whose exception type (or test) the
+# error passes. Anything else is a bug: its traceback is worth seeing (a run still ends `failed`).
+FAULTS = [  # (type or test, line, status: None = the RunError's own, --resume goes on, code, own)
+    (Interrupted, "{e}", "interrupted", True, None, False),
+    (KeyboardInterrupt, "stopped at once (Ctrl-C)", "interrupted", True, 130, False),
+    (UsageError, "error: {e}", "failed", False, 1, False),
+    (RunError, "error: {e}", None, None, 1, False),
     (out_of_memory, "error: out of memory ({e}): free memory, or use smaller batches "
                     "(--batch-size, --eval-batch-size, --max-length) or --bf16", "failed", True,
      1, True),
     (peer_gone, "error: another process of this torchrun launch is gone ({kind}: its own line "
                 "says why)", "failed", True, 1, True),
-    (lambda e: isinstance(e, OSError), "error: {file}: {why}", "failed", True, 1, True),
+    (OSError, "error: {file}: {why}", "failed", True, 1, True),
 ]
 
 
 def fault(error):
-    """The Fault an exception is (FAULTS), or None for a bug."""
-    for test, line, status, resumable, code, own in FAULTS:
-        if test(error):
-            text = str(error) or type(error).__name__
+    """The Fault an exception is (FAULTS), or None for a bug. A run that --resume continues
+    adds how (`resume`, run.end)."""
+    for kind, line, status, resumable, code, own in FAULTS:
+        if isinstance(error, kind) if isinstance(kind, type) else kind(error):
             status = status or error.status
-            line = line.format(e=text, kind=type(error).__name__, why=why(error),
-                               file=getattr(error, "filename", None) or "a file")
-            return Fault(line + getattr(error, "resume", ""),  # run.end: how --resume goes on
-                         status, status == "failed" if resumable is None else resumable,
+            line = line.format(e=str(error) or type(error).__name__, kind=type(error).__name__,
+                               why=why(error), file=getattr(error, "filename", None) or "a file")
+            return Fault(line + getattr(error, "resume", ""), status,
+                         status == "failed" if resumable is None else resumable,
                          code or error.code, own)
     return None
 
@@ -277,8 +276,9 @@ def take_lock(path):
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        raise UsageError(f"{Path(path).with_suffix('')} is being run by {holder(path)}: one "
-                         f"process per run (wait for it to end, or stop it)") from None
+        by = holder(path) or "another process"  # which may have ended since
+        raise UsageError(f"{Path(path).with_suffix('')} is being run by {by}: one process per "
+                         f"run (wait for it to end, or stop it)") from None
     except (OSError, NotImplementedError) as e:  # NotImplementedError: filelock's "no flock"
         if getattr(e, "errno", errno.ENOSYS) not in NO_LOCKS:
             raise UsageError(f"cannot take the run's lock {path}: {why(e)}") from None

@@ -382,6 +382,7 @@ class RunFiles:
         self.checkpointed, self.t_start = p.step, self.t_start - s.get("wall_time_s", 0)
         say(f"resumed at epoch {p.epoch + 1}, batch {p.done} (step {p.step})")
 
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -473,7 +474,6 @@ class Steps:
             f" step {p.done}/{len(self.order)}, run {p.step}/{total}  loss {loss:.4f}  "
             f"{seen / (now - self.t_epoch):.1f} ex/s  ETA "
             f"{datetime.timedelta(seconds=round(eta))}", end="\r" if tty else "\n")
-
 
 
 class Run(Steps, RunFiles):

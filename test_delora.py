@@ -1236,8 +1236,6 @@ def test_the_command_line_rebuilt_from_a_config_adapter_rank_under_torchrun_and_
     assert e.value.code == 2
 
 
-
-
 @pytest.mark.parametrize("flags, message", [
     (lambda t: ["--out-dir", t / "afile" / "logs"], "--out-dir {t}/afile/logs: {t}/afile is a "
                                                      "file, not a folder"),
@@ -1829,10 +1827,12 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
     assert s["status"] == "running" and len(s["epochs"]) == 1
     text, data = report.report(report.load_runs(tmp_path))  # its process gone: stopped
     command = train.parse_args([str(a) for a in argv]).command()
-    assert f": stopped (its JSON says running, but its process is gone), 1 of 3 epoch(s); resume: " \
-           f"python train.py {command} --resume\n" in text and len(data["unfinished"]) == 1
-    assert re.search(r"is unfinished \(stopped: its process is gone, 1 epoch\(s\) done\): resume "
-                     r"it with python train.py rte 3 .*--resume, or pass --overwrite", refused(*argv))
+    assert f": stopped (its JSON says running, but its process is gone), 1 of 3 epoch(s); " \
+           f"resume: python train.py {command} --resume\n" in text
+    assert len(data["unfinished"]) == 1
+    assert re.search(r"is unfinished \(stopped: its process is gone, 1 epoch\(s\) done\): "
+                     r"resume it with python train.py rte 3 .*--resume, or pass --overwrite",
+                     refused(*argv))
     assert not leftovers(tmp_path)                            # refused, it let go of the lock
     resumed = run_cli(*argv, "--resume")
     assert resumed["resumed"] == 1 and resumed["resumed_on"] == ["cpu"]
@@ -2414,8 +2414,8 @@ def test_under_torchrun_rank_0_alone_says_a_refusal_and_shards_make_the_batch_me
         ckpt, glue_dir, tmp_path, monkeypatch, capsys):
     """Every process checks the command: a bad one ends them all with the same exit code, and
     only rank 0 says why (the environment torchrun sets, in this process), before any process
-    waits for another; a fault of one process's own is said by it. Each process's part of a batch, weighted, makes DDP's averaged
-    gradients the whole batch's mean."""
+    waits for another; a fault of one process's own is said by it. Each process's part of a
+    batch, weighted, makes DDP's averaged gradients the whole batch's mean."""
     for argv, code, message in (
             (["wnli", "0"], 2, "unknown task 'wnli'; valid: mnli, sst2, mrpc, cola, qnli, qqp, "
                                "rte, stsb (see --help)"),
@@ -2503,6 +2503,7 @@ def test_report_names_models_and_data_by_name_and_by_tag_only_to_tell_them_apart
         s.update(model_tag=f"final_model-{tag}", data_tag="data5e6f7a8b")
         s["settings"]["data"] = "/somewhere/glue"
         path.write_text(json.dumps(s))
+
     def names(root):
         return {r["name"] for r in report.report(report.load_runs(root))[1]["rows"]}
     assert names(tmp_path / "a") == {"final_model delora (data=glue)"}
