@@ -2078,6 +2078,13 @@ def test_one_writer_per_run_naming_the_holder_stale_locks_free_and_no_locks_said
                                                                     "Input/output error")))
     assert re.search(r"cannot take the run's lock .*\.lock: input/output error$",
                      refused(*args_of(ckpt, glue_dir, tmp_path / "b", seed=1)))
+    monkeypatch.undo()  # a disk full from the start: the lock's own line is the first write
+    write_text = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda path, text: fail(OSError(
+        errno.ENOSPC, "No space left on device", str(path))) if path.suffix == ".lock" else
+        write_text(path, text))
+    assert re.fullmatch(r"train.py: error: .*/c/.*\.lock: no space left on device",
+                        refused(*args_of(ckpt, glue_dir, tmp_path / "c")))
 
 
 @pytest.mark.slow
