@@ -309,10 +309,19 @@ def read_checkpoint(path):
 
 
 class RunFiles:
-    """What a run writes and reads back: its logs, JSON and best adapter; its checkpoint."""
+    """What a run writes and reads back: its logs, JSON and best adapter; its checkpoint; the
+    lock that keeps them its own."""
+
+    def unlock(self):
+        if self.lock is not None:
+            with suppress(OSError):  # a folder gone read-only since: the lock still goes
+                self.paths["lock"].unlink()
+            self.lock.release()
+            self.lock = None
 
     def write_outputs(self, best_state=None):
-        """The JSON, the two logs (the official code's format) and the best adapter if given."""
+        """The JSON, the two logs (the official code's lines, epochs from 1) and the best adapter
+        if given."""
         from safetensors.torch import save
         for path, key in ((self.paths["log"], "val"), (self.paths["test"], "test")):
             write_atomic(path, "".join(f"epoch {e['epoch'] + 1}: {e[key]}\n"
@@ -561,13 +570,6 @@ class Run(Steps, RunFiles):
         if self.main:
             self.write_outputs(best["adapter"])
         return self.progress.epoch
-
-    def unlock(self):
-        if self.lock is not None:
-            with suppress(OSError):  # a folder gone read-only since: the lock still goes
-                self.paths["lock"].unlink()
-            self.lock.release()
-            self.lock = None
 
     def __exit__(self, kind, error, traceback):
         """The one way a run ends (the module docstring)."""
