@@ -117,6 +117,9 @@ def command_line(prog):
     every process sees alike is said by rank 0 alone, a process's own fault by that process,
     naming its rank."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    with suppress(ImportError):  # offline, the hub's retry messages would bury our one line
+        from huggingface_hub.utils import logging
+        logging.set_verbosity_error()
     for stream in (sys.stdout, sys.stderr):  # what the terminal's encoding cannot show: escaped
         with suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
