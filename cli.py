@@ -295,7 +295,8 @@ def take_lock(path):
 
 def holder(path):
     """Who holds a run's lock ('pid P on HOST since ...'); None if nobody does: no lock file, or
-    one its dead holder left (a lock we can take and let go at once)."""
+    one its dead holder left (a lock we can take and let go at once); 'unknown' where the lock
+    cannot be tried (a folder we may not write, a file system without locks)."""
     if not Path(path).exists():
         return None
     lock = FileLock(str(path))
@@ -305,7 +306,7 @@ def holder(path):
         with suppress(OSError):
             return Path(path).read_text(errors="replace").strip() or "another process"
         return "another process"
-    except (OSError, NotImplementedError):  # no locks here: nothing to tell
-        return None
+    except (OSError, NotImplementedError):
+        return "unknown"
     lock.release()
     return None

@@ -2334,7 +2334,10 @@ def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts, 
     logs = tmp_path / "logs"
     train_tiny(ckpt, glue_dir, logs)
     task_folder = next(logs.rglob("rte"))
+    live = fake_run(task_folder.parent, "rte", 7, 0.5, status="running")  # a live run's, seen
+    live.with_suffix(".lock").write_text("pid 1 on elsewhere")  # by one who may not write there
     mounts("--bind", "-o", "ro", task_folder, task_folder)
+    assert {r["status"] for r in report.load_runs(task_folder)} == {"finished", "running"}
     with pytest.raises(SystemExit, match=rf"--out-dir {logs}: cannot write in {task_folder}: "
                                          rf"read-only file system"):
         train_tiny(ckpt, glue_dir, logs, seed=1)
