@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from delora import DeLoRALinear, LoRALinear
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(globals().get("__file__", "walkthrough.py")).resolve().parent  # a cell: the cwd
 if hasattr(signal, "SIGPIPE"):  # read through `| head` or `| less`: stop quietly when it does
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 # Where section 4 saves its figure: where the user asks, nowhere by default (the one in figures/
@@ -453,7 +453,7 @@ def three(lam=12.0):
     forms = {"a: paper, λ₀": PaperDeLoRALinear(base, r, lam), "b: official, λ (ours)":
              DeLoRALinear(base, r, lam), "c: PEFT, B = 0": PEFTDeLoRALinear(base, r, lam)}
     a, b = forms["a: paper, λ₀"], forms["b: official, λ (ours)"]
-    for f in forms.values():  # through load_state_dict: it refreshes the cached Ξ₀ A₀ ⊙ w
+    for f in forms.values():  # the same A (and B), A₀ (and B₀), through load_state_dict
         names = ("A", "A0") + (("B", "B0") if f is not forms["c: PEFT, B = 0"] else ())
         f.load_state_dict({**f.state_dict(), **{n: getattr(a, n) for n in names}})
     assert torch.equal(a.B, b.B) and torch.equal(a.A0, b.A0)
