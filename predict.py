@@ -13,8 +13,9 @@
 """
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -33,7 +34,8 @@ CAP = 20  # characters of a text kept per token of --max-length (`predict_texts`
 
 def load_finetuned(run_json):
     """A run's JSON -> (model, tokenizer, cfg): the pretrained checkpoint with the run's best
-    adapter and head (train.build_model), in eval mode, on the CPU; cfg: the run's TrainConfig.
+    adapter and head (train.build_model), in eval mode, on the CPU; cfg: the run's settings
+    and its run_name.
     A file that cannot serve (not a run's JSON, a damaged adapter, another run's adapter) is a
     UsageError naming it; a run that did not finish is said on stderr (its best adapter so far
     is used)."""
@@ -76,8 +78,7 @@ def load_finetuned(run_json):
         load_adapter_state_dict(model, state)
     except ValueError as e:
         raise UsageError(f"{adapter} does not fit the model: {e}") from None
-    cfg.name = summary["run_name"]
-    return model.eval(), tokenizer, cfg
+    return model.eval(), tokenizer, SimpleNamespace(**asdict(cfg), run_name=summary["run_name"])
 
 
 def predict_texts(model, tokenizer, task, texts, texts_b=None, batch_size=128):
@@ -221,10 +222,10 @@ def main(argv=None):
             ("--save-peft", args.save_peft, export_peft),
             ("--save-merged", args.save_merged, export_merged)) if folder]
         for option, folder, _ in exports:  # both checked before either is written
-            check_export(folder, option, cfg.name, args.overwrite,
+            check_export(folder, option, cfg.run_name, args.overwrite,
                          (("logs", Path(args.run_json).parent), ("model", cfg.model)))
         for _, folder, export in exports:  # merging last: it changes the model
-            export(model, folder, cfg.name, cfg.model)
+            export(model, folder, cfg.run_name, cfg.model)
         if args.input:
             return score_file(model, tokenizer, cfg, args.input, args.output)
         if exports:
