@@ -2,6 +2,7 @@
 
     python bench.py                    # CPU: batch 8; GPU: batch 32
     python bench.py --bf16 --compile   # on CUDA
+    python bench.py --count-ops        # kernels a CUDA step launches, counted on the CPU
 
 1. Adapters: a training step (forward + backward + AdamW step) on roberta-base shapes with
    random weights (no download) on full batches of --seq-len tokens (no padding), for
@@ -16,6 +17,7 @@ timed steps; peak memory is the GPU's (each case's own: all run in this one proc
 CPU's max RSS only grows, so none is given on the CPU).
 """
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cli
 import delora
@@ -83,39 +87,95 @@ def time_steps(model, batches, device, bf16=False, warmup=2):
     return statistics.median(times), tokens / sum(times)
 
 
-def count_ops(config, batch_size=2, seq_len=16):
-    """Kernels a training step issues, counted on the CPU: every aten op that reaches the
-    dispatcher, views excluded (they launch nothing on a GPU), in the forward, the backward and
-    the optimizer step, for roberta-base shapes with r = 8 on query and value, on a batch with
-    padding (so the real tokens are gathered and scattered, as in a run) and with fused AdamW,
-    as a CUDA run has them. On a GPU each costs a launch (a few microseconds of CPU time)
-    whatever its size. Attention and dropout are counted as the CPU runs them: several ops
-    each, where CUDA runs one kernel."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class Counter(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher while it is on, views excluded (they
+    launch nothing on a GPU); `paused()` stops counting for a while."""
+    n, counting = 0, True
 
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += not func.is_view
-            return func(*args, **(kwargs or {}))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += self.counting and not func.is_view
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+
+class AsCUDA(TorchFunctionMode):
+    """The attention (scaled_dot_product_attention, its dropout included) and a dropout in
+    training run as one op forward and one backward (`OneKernel`), as CUDA runs each: one
+    kernel, where the CPU runs a dozen ops for the attention and four for a dropout."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout and (args[2] if len(args) > 2 else kwargs.get("training", True)):
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            return OneKernel.apply(self.counter, lambda x: func(x, p, True), {}, args[0])
+        if func is F.scaled_dot_product_attention:
+            return OneKernel.apply(self.counter, func, kwargs, *args)
+        return func(*args, **kwargs)
+
+
+class OneKernel(torch.autograd.Function):
+    """fn(*inputs, **kwargs), its values and gradients unchanged, counted as one op forward and
+    one backward."""
+
+    @staticmethod
+    def forward(ctx, counter, fn, kwargs, *inputs):
+        ctx.counter = counter
+        with torch.enable_grad(), counter.paused():  # its graph, kept for the backward
+            ctx.inputs = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+            ctx.output = fn(*ctx.inputs, **kwargs)
+        counter.n += 1
+        return ctx.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        wanted = [x for x in ctx.inputs if x.requires_grad]
+        with ctx.counter.paused():
+            grads = iter(torch.autograd.grad(ctx.output, wanted, grad))
+        ctx.counter.n += 1
+        return (None, None, None, *(next(grads) if x.requires_grad else None
+                                    for x in ctx.inputs))
+
+
+def count_ops(config, bf16=False, batch_size=2, seq_len=16):
+    """Kernels a training step launches on CUDA, counted on the CPU (`Counter`, `AsCUDA`): the
+    aten ops of the forward, the backward and the optimizer step, views excluded, the attention
+    and each dropout one kernel forward and one backward; for roberta-base shapes with r = 8 on
+    query and value, on a batch with padding (so the real tokens are gathered and scattered, as
+    in a run), with fused AdamW, as a CUDA run has them; with bf16, as train.py --bf16 runs
+    (frozen weights held in bf16, autocast). On a GPU each costs a launch (a few microseconds
+    of CPU time) whatever its size."""
     model = build(config, torch.device("cpu")).train()
+    if bf16:
+        train.frozen_in_bf16(model)
     optimizer = torch.optim.AdamW(train.param_groups(model, train.TrainConfig("rte", 0)),
                                   fused=True)  # what a CUDA run uses (train.py)
     batch = random_batches(1, batch_size, seq_len)[0]
     batch["attention_mask"][1:, seq_len // 2:] = 0                 # padding after half of each
     batch["rows"] = batch["attention_mask"].flatten().nonzero().squeeze(1)  # but the first
-    counts = {}
+    counter, counts = Counter(), {}
     for _ in range(2):  # the second step: AdamW's state exists, as in every later step
-        with Counter() as forward:
-            forward.n = 0
-            loss = train.loss_fn(train.logits_of(model, batch), batch["labels"])
-        with Counter() as backward:
-            backward.n = 0
-            loss.backward()
-        with Counter() as step:
-            step.n = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        counts = dict(forward=forward.n, backward=backward.n, optimizer=step.n)
+        for phase in ("forward", "backward", "optimizer"):
+            counter.n = 0
+            with counter, AsCUDA(counter):
+                if phase == "forward":
+                    loss = train.loss_fn(train.logits_of(model, batch, bf16), batch["labels"])
+                elif phase == "backward":
+                    loss.backward()
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            counts[phase] = counter.n
     return dict(counts, step=sum(counts.values()))
 
 
@@ -182,11 +242,11 @@ def main(argv=None):
                    "the MiniLM package if installed; roberta-base needs the hub)")
     p.add_argument("--only", choices=["adapters", "padding"], help="run one table only")
     p.add_argument("--count-ops", action="store_true", help="kernels per training step, by "
-                   "adapter (CPU, views excluded), and nothing else")
+                   "adapter, as CUDA runs them (counted on the CPU), and nothing else")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.count_ops:
-        rows = {c: count_ops(c) for c in ("a_head_only", "b_lora", "c_delora")}
+        rows = {c: count_ops(c, args.bf16) for c in ("a_head_only", "b_lora", "c_delora")}
         print("| configuration | forward | backward | optimizer | step | over LoRA |\n"
               "|---|---|---|---|---|---|")
         for c, r in rows.items():

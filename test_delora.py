@@ -1229,6 +1229,22 @@ def test_the_command_line_rebuilt_from_a_config_adapter_rank_under_torchrun_and_
     assert lines[0] == f"python train.py mnli 42 --method delora --data {tmp_path}"
     assert lines[-1] == f"python train.py stsb 46 --method lora --data {tmp_path}"
     assert len({tuple(shlex.split(line)[2:6]) for line in lines}) == 80
+    shared = train.main(["--plan", "table4", "--per-gpu", "3", "--data", str(tmp_path)])
+    capsys.readouterr()
+    assert len(shared) == 32                                # a task's 10 runs: 3 + 3 + 3 + 1
+    assert [c.strip() for line in shared for c in re.findall(r"python train.py [^&]*", line)] \
+        == lines                                            # the same 80, in the same order
+    fake = tmp_path / "bin" / "python"                      # a run of seed 43 fails (exit 3)
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nsleep 0.2\n[ "$3" = 43 ] && exit 3\necho "$2 $3 $5" >> ran\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for line, status in ((shared[0], 3), (shared[2], 0)):   # 42 d, 42 l, 43 d; 45 d, 45 l, 46 d
+        assert subprocess.run(["sh", "-c", line], cwd=tmp_path, env=env).returncode == status
+    assert sorted((tmp_path / "ran").read_text().splitlines()) == [  # each run waited for
+        "mnli 42 delora", "mnli 42 lora", "mnli 45 delora", "mnli 45 lora", "mnli 46 delora"]
+    with pytest.raises(SystemExit, match="--per-gpu '0': the number of runs sharing a GPU"):
+        train.main(["--plan", "table4", "--per-gpu", "0"])
     with pytest.raises(SystemExit, match="--plan needs a plan: table4"):
         train.main(["--plan", "table5"])
     with pytest.raises(SystemExit) as e:                     # options are checked once, up front
@@ -2841,10 +2857,39 @@ def test_imports_flow_one_way():
         assert not imported(f) & {"transformers", "peft"}, f
 
 
+def test_ops_counted_as_cuda_runs_them_attention_and_dropout_one_each_way_values_unchanged():
+    """bench.AsCUDA: the attention (its dropout included) and a dropout in training count one op
+    forward and one backward (a dozen and four on the CPU), with the same values and gradients;
+    a dropout in eval counts none."""
+    F = torch.nn.functional
+    q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+    x = torch.randn(4, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    gy, gz = torch.randn(2, 2, 5, 4), torch.randn(4, 8)
+
+    def step(counter):
+        torch.manual_seed(0)
+        with counter, bench.AsCUDA(counter) if counter.counting else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1)
+            z = F.dropout(x, 0.5, True)
+            assert F.dropout(x, 0.5, False) is x
+            counts = [counter.n]
+            grads = torch.autograd.grad(y, (q, k, v), gy) + torch.autograd.grad(z, x, gz)
+        return y, z, grads, counts + [counter.n]
+    plain, counted = bench.Counter(), bench.Counter()
+    plain.counting = False
+    *values, _ = step(plain)
+    *same, counts = step(counted)
+    assert torch.equal(values[0], same[0]) and torch.equal(values[1], same[1])
+    assert all(torch.equal(a, b) for a, b in zip(values[2], same[2]))
+    assert counts == [2, 4]
+
+
 @pytest.mark.slow
 def test_delora_adds_at_most_half_its_former_kernels_over_lora():
-    """bench.py --count-ops: the aten ops of a training step (views excluded) on roberta-base
-    shapes. DeLoRA's factors, each layer on its own, added 1,305 over LoRA (docs/speed.md)."""
+    """bench.py --count-ops: the kernels of a training step on roberta-base shapes. DeLoRA's
+    factors, each layer on its own, added 1,305 over LoRA (counted the CPU's way, docs/speed.md)."""
     counts = {c: bench.count_ops(c) for c in ("b_lora", "c_delora")}
     assert 0 < counts["c_delora"]["step"] - counts["b_lora"]["step"] <= 1305 // 2
 
@@ -2899,7 +2944,8 @@ def test_a_cuda_step_never_waits_for_the_gpu(ckpt):
 def test_train_on_cuda_with_bf16_and_compile_and_kill_and_resume_on_the_gpu_and_across(
         ckpt, uninterrupted, tmp_path):
     glue_dir, _ = uninterrupted
-    s = train_tiny(ckpt, glue_dir, tmp_path / "e2e", "--device", "cuda", "--bf16", "--compile", epochs=2)
+    s = train_tiny(ckpt, glue_dir, tmp_path / "e2e", "--device", "cuda", "--bf16", "--compile",
+                   epochs=2)
     assert s["status"] == "finished" and s["device"] == "cuda:0"
     gpu_run = run_cli(*resumable(ckpt, glue_dir, tmp_path / "gpu", "--device", "cuda"))
     for first, then in (("cuda", "cuda"), ("cpu", "cuda"), ("cuda", "cpu")):

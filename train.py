@@ -422,9 +422,9 @@ def parse_args(argv):
                description="Fine-tune RoBERTa with DeLoRA on a GLUE task (RED splits).",
                epilog="per-task defaults (paper Table 9; lora_lr for --method lora):\n"
                       "  task   lam     lr      lam_lr  batch   epochs  dropout lora_lr\n"
-                      + table + "\n\nalso:  train.py --plan table4 [OPTIONS]    predict.py "
-                      "RUN.json TEXT [TEXT_B]\n       report.py [OUT_DIR]                 "
-                      "torchrun --nproc_per_node=N train.py TASK SEED")
+                      + table + "\n\nalso:  train.py --plan table4 [--per-gpu K] [OPTIONS]"
+                      "\n       predict.py RUN.json TEXT [TEXT_B]\n       report.py [OUT_DIR]"
+                      "\n       torchrun --nproc_per_node=N train.py TASK SEED")
     for f in fields(TrainConfig):  # one argument per field: positional without a default
         kind = next(t for t in (bool, int, float, str) if t is f.type or t in get_args(f.type))
         flags, help = f.metadata["flags"] or ["--" + f.name.replace("_", "-")], f.metadata["help"]
@@ -452,14 +452,32 @@ def parse_args(argv):
 def plan(argv):
     """One train.py command per line for Table 4 (8 tasks x seeds 42-46 x DeLoRA/LoRA = 80), for
     xargs -P, GNU parallel or a SLURM array (`sed -n "${ID}p"`). Options after the plan's name
-    are added to every line, and checked first."""
+    are added to every line, and checked first. With --per-gpu K a line starts K runs of one
+    task at once, for one GPU to share (docs/long-runs.md: when that pays), and ends with the
+    first failed run's exit status."""
     if argv[:1] != ["table4"]:
         raise UsageError("--plan needs a plan: table4 (then options for every run)")
-    runs = [[task, str(seed), "--method", method, *argv[1:]] for task in TASKS
-            for seed in range(42, 47) for method in ("delora", "lora")]
-    for args in runs:
+    options, per_gpu = argv[1:], 1
+    if "--per-gpu" in options:
+        at = options.index("--per-gpu")
+        value = options[at + 1] if at + 1 < len(options) else ""
+        if not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--per-gpu {value!r}: the number of runs sharing a GPU, 1 or more")
+        per_gpu = int(value)
+        del options[at:at + 2]
+    runs = {task: [[task, str(seed), "--method", method, *options] for seed in range(42, 47)
+                   for method in ("delora", "lora")] for task in TASKS}
+    for args in sum(runs.values(), []):
         parse_args(args)  # a bad option fails here, not in 80 jobs
-    say("\n".join(lines := [shlex.join(["python", "train.py", *args]) for args in runs]))
+    lines = []
+    for task_runs in runs.values():
+        for i in range(0, len(task_runs), per_gpu):
+            commands = [shlex.join(["python", "train.py", *args])
+                        for args in task_runs[i:i + per_gpu]]
+            lines.append(commands[0] if len(commands) == 1 else  # each in the background:
+                         "".join(f'{c} & p="$p $!"; ' for c in commands)  # then wait for all
+                         + "s=0; for i in $p; do wait $i || s=$?; done; exit $s")
+    say("\n".join(lines))
     return lines
 
 
