@@ -4,6 +4,7 @@ wrappers around a frozen nn.Linear, plus the helpers that add, save and load the
 Equation numbers follow the paper's v2. Where the paper is silent or differs from the code that
 produced its GLUE table (github.com/ExplainableML/DeLoRA), we follow that code and say so.
 """
+import functools
 import math
 
 import torch
@@ -197,16 +198,16 @@ def factors_of(A, B, lam, B0, frozen, w, r):
     return up, down
 
 
-def factors_together(model, inputs=None):
-    """Before a model's forward: every DeLoRA layer's factors in one set of kernels, the same
+def factors_together(delora_layers, model, inputs=None):
+    """Before a model's forward: the DeLoRA layers' factors in one set of kernels, the same
     equation with a leading axis over the layers of one shape (so a step's kernels no longer
     grow with the number of layers; bench.py --count-ops). What never changes (B₀, w and the
     frozen Ξ₀ A₀, stacked) is computed once and kept until a state dict is loaded into the
     layers or they move; Ξ₀ A₀ by the same stacked call as Ξ A, so that at init their
     difference is exactly zero on any device. (Compiled, the graph computes it each step.)"""
     groups, kept = {}, model.__dict__.setdefault("delora_frozen", {})
-    for m in model.modules():
-        if isinstance(m, DeLoRALinear) and not m.merged:
+    for m in delora_layers:
+        if not m.merged:
             groups.setdefault((m.A.shape, m.B.shape, m.A.dtype, m.A.device), []).append(m)
     for key, layers in groups.items():
         stack = lambda *names: (torch.stack([getattr(m, k) for m in layers]) for k in names)
@@ -226,11 +227,10 @@ def factors_together(model, inputs=None):
             m.factors_now = factors
 
 
-def factors_done(model, inputs=None, output=None):
+def factors_done(delora_layers, model, inputs=None, output=None):
     """After a model's forward: each layer's factors are its own again (DeLoRALinear.factors)."""
-    for m in model.modules():
-        if isinstance(m, DeLoRALinear):
-            m.factors_now = None
+    for m in delora_layers:
+        m.factors_now = None
 
 
 class LoRALinear(AdapterLinear):
@@ -275,8 +275,10 @@ def add_adapters(model, method="delora", targets=("query", "value"), r=8, lam=4.
         setattr(parent, child, ADAPTERS[method](base, r, dropout=dropout, **strength))
     model.get_submodule(head).requires_grad_(True)
     if method == "delora":  # all layers' factors at once, before each forward of the model
-        model.register_forward_pre_hook(factors_together)
-        model.register_forward_hook(factors_done)
+        # the layers found once, not at every forward: on a GPU the host's time is the step's
+        layers = [m for m in model.modules() if isinstance(m, DeLoRALinear)]
+        model.register_forward_pre_hook(functools.partial(factors_together, layers))
+        model.register_forward_hook(functools.partial(factors_done, layers))
     return model
 
 

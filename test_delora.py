@@ -4,6 +4,7 @@ first; then one section per module, in the README's reading order: delora.py (wi
 walkthrough.py), train.py, glue.py, roberta.py, run.py (resume, faults, torchrun), report.py,
 predict.py, the project as a whole; last, the CUDA path (`-m cuda`; skipped without a GPU)."""
 import contextlib
+import copy
 import errno
 import functools
 import json
@@ -641,6 +642,11 @@ def test_a_model_computes_all_factors_in_one_call_the_same_and_starts_exactly_at
     assert seen == [True] * 8
     model.train()(ids, mask).sum().backward()        # ... serves training too
     assert all(m.A.grad is not None for _, m in delora.adapters(model))
+    twin = copy.deepcopy(model)                       # a copy's forward: its own layers' factors
+    with torch.no_grad():
+        twin.layers[1].attention.value.A.mul_(-1)
+        assert not torch.equal(twin.eval()(ids, mask), model.eval()(ids, mask))
+    assert seen == [True] * 20
 
 
 def test_add_adapters_wraps_query_value_freezes_the_rest_and_the_bound_holds_at_lr_10(ckpt):
