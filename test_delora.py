@@ -2925,6 +2925,27 @@ def test_cuda_gives_the_reference_logits_and_unpadded_equals_padded_and_the_cpu(
 
 
 @gpu
+def test_cuda_attention_runs_the_flash_or_memory_efficient_kernel_never_the_math_one():
+    """SDPA on the GPU, roberta-base's heads: the flash kernel for a bf16 batch without padding,
+    the memory-efficient one with a padding mask or in float32; never the math fallback (nor
+    cuDNN's: roberta.TRUSTED_SDPA)."""
+    torch.manual_seed(0)
+    model = roberta.RobertaClassifier(roberta.RobertaConfig(num_hidden_layers=1)).cuda().train()
+    ids = torch.randint(3, 1000, (4, 32), device="cuda")
+    full = torch.ones_like(ids)
+    padded = full.clone()
+    padded[1:, 20:] = 0
+    for mask, bf16, wanted in ((full, True, "flash"), (padded, True, "efficient"),
+                               (full, False, "efficient"), (padded, False, "efficient")):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+                model(ids, mask).float().sum().backward()
+        names = {e.key for e in prof.key_averages() if "attention" in e.key}
+        assert any(wanted in n for n in names), (mask is padded, bf16, names)
+        assert not any("math" in n or "cudnn" in n for n in names), names
+
+
+@gpu
 def test_a_cuda_step_never_waits_for_the_gpu(ckpt):
     """No host-device synchronization inside a training or evaluation step."""
     cfg = train.TrainConfig("rte", 0, model=str(ckpt))
