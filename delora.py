@@ -171,7 +171,7 @@ class DeLoRALinear(AdapterLinear):
         are exactly zero, so both products are (the layer starts exactly at the pretrained
         one); and while small they stay accurate, also when the products run in TF32 or bf16
         (no near-cancelling sums inside a matmul). Computed in the parameters' dtype (fp32),
-        also under bf16 autocast; only the products are cast. In a model's forward all layers'
+        also under bf16 autocast, then cast for the products. In a model's forward all layers'
         factors come from one call of `factors_of` (`factors_together`)."""
         frozen = unit_terms(self.A0, self.B0)                                   # Ξ₀ A₀
         return factors_of(self.A, self.B, self.lam, self.B0, frozen, self.w, self.r)
@@ -204,7 +204,9 @@ def factors_together(delora_layers, model, inputs=None):
     grow with the number of layers; bench.py --count-ops). What never changes (B₀, w and the
     frozen Ξ₀ A₀, stacked) is computed once and kept until a state dict is loaded into the
     layers or they move; Ξ₀ A₀ by the same stacked call as Ξ A, so that at init their
-    difference is exactly zero on any device. (Compiled, the graph computes it each step.)"""
+    difference is exactly zero on any device. (Compiled, the graph computes it each step.)
+    Under autocast the factors are cast to its dtype here, once: the values each layer's
+    products would cast them to, with the same gradients."""
     groups, kept = {}, model.__dict__.setdefault("delora_frozen", {})
     for m in delora_layers:
         if not m.merged:
@@ -223,8 +225,19 @@ def factors_together(delora_layers, model, inputs=None):
             _, B0, frozen, w = kept[key]
         A, B, lam = stack("A", "B", "lam")
         up, down = factors_of(A, B, lam, B0, frozen, w, layers[0].r)
+        low = products_dtype(up)  # under autocast: cast once for all layers, not in each product
+        if low is not None:
+            up, down = up.to(low), down.to(low)
         for m, factors in zip(layers, zip(up.unbind(0), down.unbind(0))):
             m.factors_now = factors
+
+
+def products_dtype(t):
+    """The dtype autocast casts a float32 tensor to in a matmul (bf16 under --bf16); None where
+    a matmul takes it as it is (no autocast, or not float32)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) and \
+        t.dtype == torch.float32 else None
 
 
 def factors_done(delora_layers, model, inputs=None, output=None):

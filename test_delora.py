@@ -1116,8 +1116,9 @@ def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, mon
 
 def test_under_bf16_the_frozen_weights_are_cast_once_to_the_values_autocast_would_use(ckpt):
     """--bf16: every frozen Linear is held in bfloat16 (train.frozen_in_bf16), not cast in each
-    step; A, B, λ, w, the head, LayerNorm and the embeddings stay float32. The logits and the
-    gradients are those of autocast over the float32 model, exactly; a step has fewer ops."""
+    step; A, B, λ, w, the head, LayerNorm and the embeddings stay float32; DeLoRA's factors are
+    cast once for all layers (delora.factors_together). The logits and the gradients are those
+    of autocast over the float32 model, exactly; a step has fewer ops."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Casts(TorchDispatchMode):
@@ -1135,18 +1136,24 @@ def test_under_bf16_the_frozen_weights_are_cast_once_to_the_values_autocast_woul
     ids, mask = padded_batch()
     batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
     results = []
-    for model in (plain.train(), held.train()):
+    for model, cast_factors in ((plain, False), (held, False), (held, True)):
+        for p in model.parameters():
+            p.grad = None
         torch.manual_seed(0)                                     # the same dropout masks
-        with Casts() as casts:
+        with Casts() as casts, pytest.MonkeyPatch.context() as patch:
+            if not cast_factors:                                 # each product casts them
+                patch.setattr(delora, "products_dtype", lambda t: None)
             casts.n = 0
-            loss = train.loss_fn(train.logits_of(model, batch, bf16=True), torch.ones(5).long())
+            loss = train.loss_fn(train.logits_of(model.train(), batch, bf16=True),
+                                 torch.ones(5).long())
             loss.backward()
         results.append((casts.n, loss.item(), {n: p.grad for n, p in model.named_parameters()
                                                if p.requires_grad}))
-    (casts_plain, loss_plain, grads_plain), (casts_held, loss_held, grads_held) = results
-    assert loss_plain == loss_held and grads_plain.keys() == grads_held.keys()
-    assert all(torch.equal(grads_plain[n], grads_held[n]) for n in grads_plain)
-    assert casts_held < casts_plain                       # no weight cast in the step any more
+    (casts_plain, loss_plain, grads_plain), *ours = results
+    for casts_held, loss_held, grads_held in ours:
+        assert loss_plain == loss_held and grads_plain.keys() == grads_held.keys()
+        assert all(torch.equal(grads_plain[n], grads_held[n]) for n in grads_plain)
+    assert casts_plain > ours[0][0] > ours[1][0]  # no weight cast in a step; the factors once
 
 
 @pytest.mark.parametrize("args, message", [
