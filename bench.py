@@ -107,8 +107,8 @@ class Counter(TorchDispatchMode):
 
 class AsCUDA(TorchFunctionMode):
     """The attention (scaled_dot_product_attention, its dropout included) and a dropout in
-    training run as one op forward and one backward (`OneKernel`), as CUDA runs each: one
-    kernel, where the CPU runs a dozen ops for the attention and four for a dropout."""
+    training (p > 0) run as one op forward and one backward (`OneKernel`), as CUDA runs each:
+    one kernel, where the CPU runs a dozen ops for the attention and four for a dropout."""
 
     def __init__(self, counter):
         super().__init__()
@@ -116,9 +116,11 @@ class AsCUDA(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.dropout and (args[2] if len(args) > 2 else kwargs.get("training", True)):
+        if func is F.dropout:
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-            return OneKernel.apply(self.counter, lambda x: func(x, p, True), {}, args[0])
+            training = args[2] if len(args) > 2 else kwargs.get("training", True)
+            if training and p > 0:  # else it returns its input, on CUDA too
+                return OneKernel.apply(self.counter, lambda x: func(x, p, True), {}, args[0])
         if func is F.scaled_dot_product_attention:
             return OneKernel.apply(self.counter, func, kwargs, *args)
         return func(*args, **kwargs)

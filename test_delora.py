@@ -2873,7 +2873,7 @@ def test_imports_flow_one_way():
 def test_ops_counted_as_cuda_runs_them_attention_and_dropout_one_each_way_values_unchanged():
     """bench.AsCUDA: the attention (its dropout included) and a dropout in training count one op
     forward and one backward (a dozen and four on the CPU), with the same values and gradients;
-    a dropout in eval counts none."""
+    a dropout in eval, or of p = 0, counts none."""
     F = torch.nn.functional
     q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
     x = torch.randn(4, 8, requires_grad=True)
@@ -2886,7 +2886,7 @@ def test_ops_counted_as_cuda_runs_them_attention_and_dropout_one_each_way_values
         with counter, bench.AsCUDA(counter) if counter.counting else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1)
             z = F.dropout(x, 0.5, True)
-            assert F.dropout(x, 0.5, False) is x
+            assert F.dropout(x, 0.5, False) is x and F.dropout(x, 0.0, True) is x
             counts = [counter.n]
             grads = torch.autograd.grad(y, (q, k, v), gy) + torch.autograd.grad(z, x, gz)
         return y, z, grads, counts + [counter.n]
