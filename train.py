@@ -453,8 +453,8 @@ def plan(argv):
     """One train.py command per line for Table 4 (8 tasks x seeds 42-46 x DeLoRA/LoRA = 80), for
     xargs -P, GNU parallel or a SLURM array (`sed -n "${ID}p"`). Options after the plan's name
     are added to every line, and checked first. With --per-gpu K a line starts K runs of one
-    task at once, for one GPU to share (docs/long-runs.md: when that pays), and ends with the
-    first failed run's exit status."""
+    task at once, for one GPU to share (docs/long-runs.md: when that pays), waits for all of
+    them and exits 0 if every run did, else with a failed run's exit status."""
     if argv[:1] != ["table4"]:
         raise UsageError("--plan needs a plan: table4 (then options for every run)")
     options, per_gpu = argv[1:], 1
