@@ -1251,7 +1251,8 @@ def test_the_command_line_rebuilt_from_a_config_adapter_rank_under_torchrun_and_
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\nsleep 0.2\n[ "$3" = 43 ] && exit 3\necho "$2 $3 $5" >> ran\n')
     fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+               p="1")                                      # a $p of the caller's is not a run
     for line, status in ((shared[0], 3), (shared[2], 0)):   # 42 d, 42 l, 43 d; 45 d, 45 l, 46 d
         assert subprocess.run(["sh", "-c", line], cwd=tmp_path, env=env).returncode == status
     assert sorted((tmp_path / "ran").read_text().splitlines()) == [  # each run waited for

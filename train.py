@@ -475,8 +475,8 @@ def plan(argv):
             commands = [shlex.join(["python", "train.py", *args])
                         for args in task_runs[i:i + per_gpu]]
             lines.append(commands[0] if len(commands) == 1 else  # each in the background:
-                         "".join(f'{c} & p="$p $!"; ' for c in commands)  # then wait for all
-                         + "s=0; for i in $p; do wait $i || s=$?; done; exit $s")
+                         "p=; " + "".join(f'{c} & p="$p $!"; ' for c in commands)  # then wait
+                         + "s=0; for i in $p; do wait $i || s=$?; done; exit $s")  # for all
     say("\n".join(lines))
     return lines
 
