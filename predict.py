@@ -160,7 +160,9 @@ def export_peft(model, folder, run, pretrained):
     in full (modules_to_save), all under transformers' names. Loaded with PEFT's
     PeftModel.from_pretrained over that checkpoint, it gives the run's logits (to rounding)."""
     from safetensors.torch import save
-    cfg, state, targets = model.config, {}, set()
+    cfg = model.config
+    state = {}    # PEFT's key -> tensor
+    targets = set()  # the adapted modules' last names: query, value
     for name, m in adapters(model):
         up, down = (t.detach().float() for t in m.factors())  # (out, k), (k, in)
         where = "base_model.model." + checkpoint_key(f"{name}.weight", cfg, False)[:-len("weight")]

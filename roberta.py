@@ -136,7 +136,8 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        self.pad_id, self.is_roberta = cfg.pad_token_id, cfg.is_roberta
+        self.pad_id = cfg.pad_token_id
+        self.is_roberta = cfg.is_roberta
 
     def forward(self, input_ids, token_type_ids, tokens):
         """(B, T) ids -> (N, C): the embeddings of the real tokens only (see `Tokens`)."""

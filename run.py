@@ -388,7 +388,8 @@ class RunFiles:
         self.best.update(score=s["val"][s["metric"]] if s["val"] else -math.inf,
                          epoch=s["best_epoch"], val=s["val"], test=s["test"],
                          adapter=state["best_state"])
-        self.checkpointed, self.t_start = p.step, self.t_start - s.get("wall_time_s", 0)
+        self.checkpointed = p.step
+        self.t_start -= s.get("wall_time_s", 0)  # the wall time counts the earlier sessions too
         say(f"resumed at epoch {p.epoch + 1}, batch {p.done} (step {p.step})")
 
 
@@ -448,7 +449,8 @@ class Steps:
     def end_epoch(self, record, best):
         """After an epoch's evaluation (record: with 'test' if validation improved): checkpoint,
         logs, the epoch line; a stop, if asked and epochs remain (after the last, none)."""
-        p, self.best = self.progress, best
+        p = self.progress
+        self.best = best
         record = {"epoch": record["epoch"], "train_loss": p.loss_sum / len(self.order), **record}
         if self.main:
             record.update(examples_per_s=round(sum(map(len, self.order[self.first:]))
@@ -472,11 +474,14 @@ class Steps:
     def show(self, loss):
         """Progress: on a terminal a line rewritten at each loss check; into a file a line about
         every 60 s and 10 % of the epoch. Examples/s: since this process began (or resumed)."""
-        p, now, tty = self.progress, time.monotonic(), sys.stdout and sys.stdout.isatty()
+        p = self.progress
+        now = time.monotonic()
+        tty = sys.stdout and sys.stdout.isatty()
         if p.done == len(self.order) or not (tty or now - self.shown[0] >= 60 or
                                              10 * (p.done - self.shown[1]) >= len(self.order)):
             return
-        self.shown, total = (now, p.done), self.cfg.epochs * len(self.order)
+        self.shown = (now, p.done)
+        total = self.cfg.epochs * len(self.order)
         eta = (now - self.t_epoch) / (p.done - self.first) * (total - p.step)
         seen = sum(map(len, self.order[self.first:p.done]))
         say(f"epoch {p.epoch + 1}/{self.cfg.epochs} [{'#' * (20 * p.done // len(self.order)):20}]"
@@ -566,7 +571,8 @@ class Run(Steps, RunFiles):
         elif cfg.resume:
             say(f"nothing to resume under {paths['json'].with_suffix('')}: starting from the "
                 f"beginning")
-        self.saved, self.started = json.dumps(self.summary), True
+        self.saved = json.dumps(self.summary)  # what a fault's JSON goes back to (`end`)
+        self.started = True
         if self.main:
             self.write_outputs(best["adapter"])
         return self.progress.epoch

@@ -394,7 +394,9 @@ def fake_run(out, task, seed, metric_value, method="delora", status="finished", 
     """A run summary as train.py writes it, with made-up metrics and adapter diagnostics."""
     cfg = train.TrainConfig(task, seed, method=method, model="FacebookAI/roberta-base",
                             **overrides)
-    metric, value, records = glue.TASKS[task].metrics[0], metric_value or 0.5, []
+    metric = glue.TASKS[task].metrics[0]
+    value = metric_value or 0.5
+    records = []
     for e in range(epochs):
         layers = {f"layers.{i}.attention.{t}": dict(delta_norm=0.1 * (e + 1) * cfg.lr_mult)
                   for i in range(2) for t in ("query", "value")}
@@ -424,7 +426,8 @@ def resumable(ckpt, data, out, *extra):
 def uninterrupted(ckpt, tmp_path_factory):
     """The data, and what each `resumable` run ends with when nothing interrupts it (by
     flags)."""
-    glue_dir, outcomes = write_rte(tmp_path_factory.mktemp("data") / "glue"), {}
+    glue_dir = write_rte(tmp_path_factory.mktemp("data") / "glue")
+    outcomes = {}
 
     def reference(*flags):
         if flags not in outcomes:
@@ -929,7 +932,9 @@ def test_delora_and_head_learn_a_synthetic_task(tmp_path):
     """Label = does the sentence say 'good'? Far above chance after a few epochs."""
     import datasets
     ckpt = make_checkpoint(tmp_path / "c", init_std=0.1)  # 0.02 leaves a tiny model near-blind
-    rng, words, texts = np.random.RandomState(0), "the movie was fun dull and a day it".split(), []
+    rng = np.random.RandomState(0)
+    words = "the movie was fun dull and a day it".split()
+    texts = []
     for i in range(160):
         w = list(rng.choice(words, 5))
         w.insert(rng.randint(6), "good" if i % 2 else "bad")
@@ -954,7 +959,10 @@ def test_cli_end_to_end_reproducible_its_files_and_one_formatted_result_line(
         ckpt, glue_dir, tmp_path, capsys, monkeypatch):
     """Each epoch a new order: the seed's RandomState, drawn again each epoch; epochs count from
     1 wherever they are printed or logged (the JSON's `epoch` and `best_epoch` from 0)."""
-    seen, losses, step, order_of = [], [], train.train_step, train.epoch_order
+    seen = []    # each epoch's order, flattened
+    losses = []  # each step's
+    step = train.train_step
+    order_of = train.epoch_order
 
     def order_spy(*args, **kwargs):
         order = order_of(*args, **kwargs)
@@ -1085,8 +1093,10 @@ def test_test_split_is_evaluated_only_when_validation_strictly_improves(ckpt, tm
 
 
 def test_bf16_and_group_by_length_change_what_train_computes(ckpt, tmp_path, monkeypatch):
-    data, build, dtypes, padding = write_rte(tmp_path / "glue", n_train=64), train.build_model, \
-        set(), []
+    data = write_rte(tmp_path / "glue", n_train=64)
+    build = train.build_model
+    dtypes = set()  # (is the head, the dtype its output has)
+    padding = []    # each training batch's share of padding
 
     def build_with_hook(*args, **kwargs):  # what an encoder matmul and the head compute in
         model = build(*args, **kwargs)
@@ -2021,7 +2031,9 @@ def test_a_second_ctrl_c_stops_at_once_saying_what_is_on_disk(at_step, then, ckp
 
 def test_files_are_replaced_atomically_under_unique_names_and_stale_temps_removed(
         ckpt, glue_dir, tmp_path, monkeypatch):
-    path, names, real_replace = tmp_path / "w" / "run.json", [], os.replace
+    path = tmp_path / "w" / "run.json"
+    names = []
+    real_replace = os.replace
     path.parent.mkdir()
     path.write_text('{"status": "running"}')
     monkeypatch.setattr(os, "replace", lambda src, dst: fail(KeyboardInterrupt()))  # killed
