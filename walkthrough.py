@@ -349,13 +349,15 @@ assert rows[-1][4] <= rows[-1][5] * (1 + 1e-6) and rows[-1][4] > rows[-1][1]
 
 # %% 8. Why DeLoRA wants a larger learning rate
 # An issue on the official repository (#2) calls DeLoRA "super slow" beside LoRA variants; its
-# authors answer that it needs 10-100x LoRA's learning rate. Why: AdamW's first step moves every entry of A and B by exactly lr
-# (m̂/√v̂ = sign(g)), whatever the gradient's size, so at step 1 a row a_i of norm ‖a_i‖ turns by
-# atan(lr·√d_in / ‖a_i‖). That holds at step 1 only: later steps turn less -- a little at a
-# small rate, several times less at a large one, where m̂/√v̂ falls below 1 as gradients change
-# sign and the rows grow longer (the 50-step mean below). For DeLoRA turning is all A and B
-# do -- ΔW = λ · D(angles) -- so its learning rate decides how fast the angles move, and with
-# them how much of the cap 2|λ|·max w the update uses, never the cap. LoRA's ΔW starts at 0
+# authors answer that it needs 10-100x LoRA's learning rate. Why: AdamW's first step (no weight
+# decay here) moves each entry of A and B by lr·|g|/(|g| + ε): lr, up to ε = 1e-8, for any
+# gradient well above ε, whatever its size. So at step 1 a row a_i of norm ‖a_i‖ turns by about
+# atan(lr·√d_in / ‖a_i‖) (exactly that for a step orthogonal to a_i; checked below to 10 %).
+# That holds at step 1 only: later steps turn less -- a little at a small rate, several times
+# less at a large one, where m̂/√v̂ falls below 1 as gradients change sign and the rows grow
+# longer (the 50-step mean below). For DeLoRA turning is all A and B do -- ΔW = λ · D(angles)
+# -- so its learning rate decides how fast the angles move, and with them how much of the cap
+# 2|λ|·max w the update uses, never the cap. LoRA's ΔW starts at 0
 # (B = 0) and grows with lr x steps, unbounded: its learning rate sets the update's size.
 print("8. Why DeLoRA wants a larger learning rate: angle turned by a_i, and ‖ΔW‖_F after steps")
 print("   method  lr     | a_i turns at step 1 (atan formula) | mean, 50 steps | ‖ΔW‖_F after 1, "
