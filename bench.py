@@ -258,7 +258,7 @@ def main(argv=None):
     with cli.command_line("bench.py"):  # a place we cannot write: one line, before measuring
         cli.check_output(args.out, "--out", folder=False)
         device = run.Dist().start(args.device)
-        with run.tf32(device):  # as a run has it
+        with run.backends(device, args.compile):  # as a run has them
             return measure(args, device)
 
 

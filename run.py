@@ -31,7 +31,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def num(value):
 
 
 def run_name(cfg):
-    """The settings that change the numbers, as a file name:
+    """The settings of the experiment (train.setting), as a file name:
     delora_r8_lam4_lr0.01_lamlr0.01_bs32_ep80_drop0_len256_seed42 for TrainConfig("rte", 42);
     a local --data copy adds its tag before the seed (_data1a2b3c4d_seed42)."""
     delora = cfg.method == "delora"
@@ -216,13 +216,21 @@ class Dist:
 
 
 @contextmanager
-def tf32(device):
-    """float32 matmuls in TF32 on CUDA while the block runs, as users of the libraries expect
-    (DeLoRA's factors stay accurate: docs/speed.md); as it was afterwards."""
+def backends(device, compile=False):
+    """PyTorch's settings for a run, while the block runs; as they were afterwards. On CUDA,
+    float32 matmuls in TF32, as users of the libraries expect (DeLoRA's factors stay accurate:
+    docs/speed.md); yields whether TF32 is on. With --compile, each dropout mask drawn by
+    PyTorch's own dropout kernel, as without: inductor's random numbers would draw other masks,
+    and --compile, left out of the run's name, must change float rounding only."""
+    random = nullcontext()
+    if compile:
+        import torch._inductor.config as inductor
+        random = inductor.patch(fallback_random=True)
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda" or before
     try:
-        yield torch.backends.cuda.matmul.allow_tf32
+        with random:
+            yield torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
@@ -521,10 +529,10 @@ class Run(Steps, RunFiles):
             self.summary = read_summary(self.paths["json"])
             say(f"{self.paths['json']}: already {self.summary['status']}; nothing to resume")
 
-    def __enter__(self):  # the stop signals, and TF32 on CUDA, for the run only
+    def __enter__(self):  # the stop signals, and PyTorch's settings (`backends`), for the run only
         self.stop.__enter__()
-        self.tf32 = tf32(self.device)
-        self.tf32.__enter__()
+        self.backends = backends(self.device, self.cfg.compile)
+        self.backends.__enter__()
         return self
 
     def distribute(self, model):
@@ -580,7 +588,7 @@ class Run(Steps, RunFiles):
     def __exit__(self, kind, error, traceback):
         """The one way a run ends (the module docstring)."""
         self.stop.__exit__()
-        self.tf32.__exit__(None, None, None)
+        self.backends.__exit__(None, None, None)
         try:
             return self.started and end(self, error)
         finally:

@@ -725,6 +725,36 @@ def test_the_forward_compiles_as_one_graph(ckpt):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*script_method:DeprecationWarning")  # inductor's import
+def test_compiled_dropout_draws_eager_masks_so_compile_changes_rounding_only(ckpt, glue_dir,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """--compile is left out of a run's name: under run.backends(compile=True) a compiled layer
+    (inductor, on the CPU here) draws the same dropout masks as the eager one, so its output and
+    gradients are eager's up to rounding; train.py --compile compiles under it and leaves it as
+    it was."""
+    import torch._inductor.config as inductor
+    layer = make_layer(dropout=0.5)
+    x = torch.randn(3, 4, 5)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        with run.backends(torch.device("cpu"), compile=compiled):
+            torch.manual_seed(0)
+            y = (torch.compile(layer, dynamic=True) if compiled else layer)(x)
+            y.pow(2).sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in (layer.A, layer.B, layer.lam)])
+        layer.zero_grad()
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(
+        inductor.fallback_random) or model)
+    train_tiny(ckpt, glue_dir, tmp_path, "--compile")
+    assert seen == [True] and not inductor.fallback_random
+
+
+@pytest.mark.slow
 def test_walkthrough_prints_and_asserts_every_claim(tmp_path, monkeypatch, capsys):
     """walkthrough.py run as `python walkthrough.py --figure PNG` runs it, in this process (a
     new one would import torch again): every section's numbers, every claim asserted; its figure
@@ -2165,7 +2195,7 @@ def test_each_process_on_its_own_gpu_with_a_timeout_for_a_dead_peer(ckpt, glue_d
     assert run.Dist().start("cuda:1") == torch.device("cuda:1")  # one process: as asked
     before = torch.backends.cuda.matmul.allow_tf32
     for device, on in (("cuda:1", True), ("cpu", before)):  # TF32 on CUDA, for the run only
-        with run.tf32(torch.device(device)) as used:
+        with run.backends(torch.device(device)) as used:
             assert used == torch.backends.cuda.matmul.allow_tf32 == on
         assert torch.backends.cuda.matmul.allow_tf32 == before
     for error, out in ((torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"), True),

@@ -36,8 +36,10 @@ from run import Run, check_export, export_merged, run_name, seed_everything
 
 
 def setting(default=MISSING, help="", results=True, flags=(), **cli):
-    """A field of TrainConfig: its default, its --help text, whether it can change the numbers
-    (results=False: how the run executes), its spellings, argparse's (choices...)."""
+    """A field of TrainConfig: its default, its --help text, whether it is part of the experiment
+    (results=False: how the run executes, which changes the numbers by float rounding at most --
+    and --device the dropout masks drawn: docs/long-runs.md), its spellings, argparse's
+    (choices...)."""
     return field(default=default, metadata=dict(help=help, results=results, flags=flags, cli=cli))
 
 
@@ -82,8 +84,8 @@ RULES = [  # (options, the test a value passes, what a value that fails it is to
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run, its help its --help text. The settings that can change the
-    numbers (`results()`) name the run's files; those left at None come from HPARAMS."""
+    """Every setting of a run, its help its --help text. The settings of the experiment (`results`
+    in `setting`) name the run's files; those left at None come from HPARAMS."""
     task: str = setting(help=f"GLUE task: {', '.join(TASKS)}")
     seed: int = setting(help="random seed: initialization, data order and split (paper: 42-46)")
     model: str = setting("FacebookAI/roberta-base", "hub id or local checkpoint directory")
@@ -107,7 +109,8 @@ class TrainConfig:
                                    results=False)
     device: str = setting("auto", "auto = cuda, then mps, then cpu", results=False)
     bf16: bool = setting(False, "bfloat16 autocast of the encoder's matmuls (for CUDA)")
-    compile: bool = setting(False, "torch.compile the model", results=False)
+    compile: bool = setting(False, "torch.compile the model (the same dropout masks: float "
+                                   "rounding only)", results=False)
     out_dir: str = setting(".logs", "logs go here", results=False)
     save_merged: str | None = setting(None, "write the best model, adapters merged, as a HF "
                                             "checkpoint (a finished run: with --resume)",
@@ -135,15 +138,15 @@ class TrainConfig:
 
     def changed(self, numbers_only=False):
         """The settings that differ from the task's defaults for the method, by name, but the
-        task and seed: what a command line must say; numbers_only: those of them that can
-        change the numbers."""
+        task and seed: what a command line must say; numbers_only: those of them that are part of
+        the experiment (`setting`)."""
         default = TrainConfig(self.task, self.seed, method=self.method)
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in ("task", "seed") and getattr(self, f.name) !=
                 getattr(default, f.name) and (f.metadata["results"] or not numbers_only)}
 
     def overrides(self):
-        """The settings that change the numbers and differ from the task's defaults, but the
+        """The settings of the experiment that differ from the task's defaults, but the
         model, the data and what the method does not use: a row's name in report.py.
         TrainConfig("mnli", 1, lr=5e-3).overrides() -> {'lr': 0.005}."""
         unused = {"lam", "lam_lr"} if self.method == "lora" else {"alpha"}
