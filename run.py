@@ -216,23 +216,29 @@ class Dist:
 
 
 @contextmanager
+def tf32(device):
+    """float32 matmuls in TF32 on CUDA while the block runs, as users of the libraries expect
+    (DeLoRA's factors stay accurate: docs/speed.md); as it was afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda" or before
+    try:
+        yield torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextmanager
 def backends(device, compile=False):
-    """PyTorch's settings for a run, while the block runs; as they were afterwards. On CUDA,
-    float32 matmuls in TF32, as users of the libraries expect (DeLoRA's factors stay accurate:
-    docs/speed.md); yields whether TF32 is on. With --compile, each dropout mask drawn by
-    PyTorch's own dropout kernel, as without: inductor's random numbers would draw other masks,
-    and --compile, left out of the run's name, must change float rounding only."""
+    """PyTorch's settings for a run while the block runs, as they were afterwards: `tf32`
+    (yields whether it is on) and, with --compile, each dropout mask drawn by PyTorch's own
+    dropout kernel, as without: inductor's random numbers would draw other masks, and --compile,
+    left out of the run's name, must change float rounding only."""
     random = nullcontext()
     if compile:
         import torch._inductor.config as inductor
         random = inductor.patch(fallback_random=True)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda" or before
-    try:
-        with random:
-            yield torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    with tf32(device) as on, random:
+        yield on
 
 
 class StopRequest:

@@ -2195,7 +2195,7 @@ def test_each_process_on_its_own_gpu_with_a_timeout_for_a_dead_peer(ckpt, glue_d
     assert run.Dist().start("cuda:1") == torch.device("cuda:1")  # one process: as asked
     before = torch.backends.cuda.matmul.allow_tf32
     for device, on in (("cuda:1", True), ("cpu", before)):  # TF32 on CUDA, for the run only
-        with run.backends(torch.device(device)) as used:
+        with run.tf32(torch.device(device)) as used:
             assert used == torch.backends.cuda.matmul.allow_tf32 == on
         assert torch.backends.cuda.matmul.allow_tf32 == before
     for error, out in ((torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"), True),
