@@ -392,7 +392,7 @@ growth = {m: [big / small for big, small in zip(sizes[m, 1e-2], sizes[m, 4e-4])]
           for m in ("LoRA", "DeLoRA")}
 print(f"   x25 the learning rate: LoRA's ‖ΔW‖_F x {growth['LoRA'][0]:.2f} after one step, "
       f"x {growth['LoRA'][1]:.0f} after 50;\n   DeLoRA's x {growth['DeLoRA'][1]:.1f} after 50")
-assert abs(growth["LoRA"][0] / 25 - 1) < 0.01           # one step: B moves by exactly lr
+assert abs(growth["LoRA"][0] / 25 - 1) < 0.01           # one step: B moves by lr (up to ε)
 assert growth["LoRA"][1] > 3 * growth["DeLoRA"][1]
 print("   LoRA's learning rate sets the size of its update, so it must stay small; DeLoRA's sets "
       "how fast\n   the directions turn, and so how much of the cap 2|λ|·max w is used, never "
