@@ -62,6 +62,12 @@ def peer_gone(error):
                                   "NCCL", "gloo", "Broken pipe"))
 
 
+def compile_failed(error):
+    """torch.compile could not build the model's kernels (no C compiler for inductor or Triton,
+    a lowering it lacks): its backend's error, whatever the inner cause."""
+    return "BackendCompilerFailed" in _names(error)
+
+
 def _names(error):
     return {c.__name__ for c in type(error).__mro__}
 
@@ -72,36 +78,48 @@ class Fault(NamedTuple):
     resumable: bool   # whether the same command with --resume continues from the checkpoint
     code: int         # the exit status
     own: bool         # this process's own: under torchrun each says its own, naming its rank
+    changes: dict     # what --resume must change to go on (a setting: its new value)
 
 
 # How a command ends, one row per kind of fault: the first row whose exception type (or test) the
 # error passes. Anything else is a bug: its traceback is worth seeing (a run still ends `failed`).
-FAULTS = [  # (type or test, line, status: None = the RunError's own, --resume goes on, code, own)
-    (Interrupted, "{e}", "interrupted", True, None, False),
-    (KeyboardInterrupt, "stopped at once (Ctrl-C)", "interrupted", True, 130, False),
-    (UsageError, "error: {e}", "failed", False, 1, False),
-    (RunError, "error: {e}", None, None, 1, False),
+FAULTS = [  # (type or test, line, status: None = the RunError's own, --resume goes on, code, own,
+    #          what --resume must change)
+    (Interrupted, "{e}", "interrupted", True, None, False, {}),
+    (KeyboardInterrupt, "stopped at once (Ctrl-C)", "interrupted", True, 130, False, {}),
+    (UsageError, "error: {e}", "failed", False, 1, False, {}),
+    (RunError, "error: {e}", None, None, 1, False, {}),
     (out_of_memory, "error: out of memory ({e}): free memory, or use smaller batches "
                     "(--batch-size, --eval-batch-size, --max-length) or --bf16", "failed", True,
-     1, True),
+     1, True, {}),
+    (compile_failed, "error: --compile failed ({cause}): run without it (compiled or not, the "
+                     "numbers differ by float rounding only)", "failed", True, 1, True,
+     {"compile": False}),
     (peer_gone, "error: another process of this torchrun launch is gone ({kind}: its own line "
-                "says why)", "failed", True, 1, True),
-    (OSError, "error: {file}: {why}", "failed", True, 1, True),
+                "says why)", "failed", True, 1, True, {}),
+    (OSError, "error: {file}: {why}", "failed", True, 1, True, {}),
 ]
 
 
 def fault(error):
     """The Fault an exception is (FAULTS), or None for a bug. A run that --resume continues
     adds how (`resume`, run.end)."""
-    for kind, line, status, resumable, code, own in FAULTS:
+    for kind, line, status, resumable, code, own, changes in FAULTS:
         if isinstance(error, kind) if isinstance(kind, type) else kind(error):
             status = status or error.status
+            cause = getattr(error, "inner_exception", error)  # what a compiler's error wraps
             line = line.format(e=str(error) or type(error).__name__, kind=type(error).__name__,
-                               why=why(error), file=getattr(error, "filename", None) or "a file")
+                               why=why(error), file=getattr(error, "filename", None) or "a file",
+                               cause=f"{type(cause).__name__}: {first_line(cause)}")
             return Fault(line + getattr(error, "resume", ""), status,
                          status == "failed" if resumable is None else resumable,
-                         code or error.code, own)
+                         code or error.code, own, changes)
     return None
+
+
+def first_line(error):
+    """An error's message up to its first line break (a compiler's output may follow)."""
+    return (str(error).strip() or "-").splitlines()[0]
 
 
 def why(error):

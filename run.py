@@ -620,12 +620,13 @@ def end(run, error):
     text = None if error is None else f.line.removeprefix("error: ") if f else \
         f"{type(error).__name__}: {error}"
     if error is not None and (f is None or f.resumable):
+        changes = f.changes if f else {}  # what --resume must change, if anything (cli.FAULTS)
         run.summary = json.loads(run.saved)
         launch = "python train.py" if run.dist.world == 1 else "torchrun <its options> train.py"
         error.resume = ("; --resume starts it from the beginning" if run.checkpointed is None
                         else f"; --resume continues from the checkpoint of step "
                         f"{run.checkpointed}") + \
-            f": {launch} {run.cfg.command(torchrun=run.dist.world > 1, resume=True)}"
+            f": {launch} {run.cfg.command(torchrun=run.dist.world > 1, resume=True, **changes)}"
     run.summary.update(status=status, wall_time_s=round(time.monotonic() - run.t_start, 1))
     run.summary.update({"error": text} if text else {})
     try:

@@ -725,7 +725,6 @@ def test_the_forward_compiles_as_one_graph(ckpt):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*script_method:DeprecationWarning")  # inductor's import
 def test_compiled_dropout_draws_eager_masks_so_compile_changes_rounding_only(ckpt, glue_dir,
                                                                               tmp_path,
                                                                               monkeypatch):
@@ -752,6 +751,26 @@ def test_compiled_dropout_draws_eager_masks_so_compile_changes_rounding_only(ckp
         inductor.fallback_random) or model)
     train_tiny(ckpt, glue_dir, tmp_path, "--compile")
     assert seen == [True] and not inductor.fallback_random
+
+
+@pytest.mark.slow
+def test_a_failed_compile_is_one_line_and_its_resume_command_runs_without_it(ckpt, glue_dir,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    """--compile where inductor finds no C++ compiler (one that does not exist): one line with
+    the cause, the run `failed`, and a --resume command without --compile that finishes it."""
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    line = refused(*args_of(ckpt, glue_dir, tmp_path, "--device", "cpu", "--compile"))
+    said, command = line.split(": python train.py ")
+    assert re.fullmatch(r"train\.py: error: --compile failed \(InvalidCxxCompiler: No working "
+                        r"C\+\+ compiler found in .*no-such-c\+\+.*\): run without it \(compiled "
+                        r"or not, the numbers differ by float rounding only\); --resume starts "
+                        r"it from the beginning", said), said
+    assert "--compile" not in command and command.endswith(" --resume")
+    assert summary_in(tmp_path)["status"] == "failed"
+    monkeypatch.undo()
+    assert run_cli(*shlex.split(command))["status"] == "finished"
 
 
 @pytest.mark.slow
