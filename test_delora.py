@@ -726,6 +726,24 @@ def test_the_forward_compiles_as_one_graph(ckpt):
         torch.testing.assert_close(compiled(ids, mask, rows=rows), model(ids, mask))
 
 
+def compiled_as_eager(device, tol=1e-6):
+    """A DeLoRA layer with dropout 0.5, compiled under run.backends(compile=True) and not, from
+    one seed: the same output and gradients up to rounding."""
+    layer = make_layer(dropout=0.5).to(device)
+    x = torch.randn(3, 4, 5, device=device)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        with run.backends(device, compile=compiled):
+            torch.manual_seed(0)
+            y = (torch.compile(layer, dynamic=True) if compiled else layer)(x)
+            y.pow(2).sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in (layer.A, layer.B, layer.lam)])
+        layer.zero_grad()
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=tol, rtol=tol)
+
+
 @pytest.mark.slow
 def test_compiled_dropout_draws_eager_masks_so_compile_changes_rounding_only(ckpt, glue_dir,
                                                                               tmp_path,
@@ -735,19 +753,7 @@ def test_compiled_dropout_draws_eager_masks_so_compile_changes_rounding_only(ckp
     gradients are eager's up to rounding; train.py --compile compiles under it and leaves it as
     it was."""
     import torch._inductor.config as inductor
-    layer = make_layer(dropout=0.5)
-    x = torch.randn(3, 4, 5)
-    results = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        with run.backends(torch.device("cpu"), compile=compiled):
-            torch.manual_seed(0)
-            y = (torch.compile(layer, dynamic=True) if compiled else layer)(x)
-            y.pow(2).sum().backward()
-        results.append([y.detach()] + [p.grad.clone() for p in (layer.A, layer.B, layer.lam)])
-        layer.zero_grad()
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    compiled_as_eager(torch.device("cpu"))
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(
         inductor.fallback_random) or model)
@@ -3069,6 +3075,12 @@ def test_on_cuda_out_of_memory_is_one_line_and_the_run_resumes(ckpt, glue_dir, t
         run_cli(*argv)
     monkeypatch.undo()
     assert run_cli(*argv, "--resume")["status"] == "finished"
+
+
+@gpu
+def test_on_cuda_a_compiled_layer_draws_the_eager_dropout_masks():
+    """Inductor with Triton, as on the CPU: PyTorch's own dropout kernel, the same masks."""
+    compiled_as_eager(torch.device("cuda"), tol=1e-5)
 
 
 @gpu
