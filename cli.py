@@ -118,8 +118,9 @@ def fault(error):
 
 
 def first_line(error):
-    """An error's message up to its first line break (a compiler's output may follow)."""
-    return (str(error).strip() or "-").splitlines()[0]
+    """An error's message up to its first line break (a compiler's or a reader's detail may
+    follow); its type's name if it has none."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def why(error):

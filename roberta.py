@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import not_a_folder
+from cli import first_line, not_a_folder
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")  # positions offset by pad id, as RoBERTa
 BERT_TYPES = ("bert",)
@@ -415,7 +415,7 @@ def reading(path):
     except (OSError, MemoryError):
         raise
     except Exception as e:
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause = first_line(e)
         if "allocate memory" in cause or "out of memory" in cause:  # the machine's, not the file's
             raise MemoryError(f"reading {path}: {cause}") from None
         raise ValueError(f"{path} cannot be read ({cause}): a damaged or incomplete file "
