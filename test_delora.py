@@ -769,7 +769,7 @@ def test_a_failed_compile_is_one_line_and_its_resume_command_runs_without_it(ckp
     the cause, the run `failed`, and a --resume command without --compile that finishes it."""
     import torch._inductor.config as inductor
     monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
-    line = refused(*args_of(ckpt, glue_dir, tmp_path, "--device", "cpu", "--compile"))
+    line = refused(*args_of(ckpt, glue_dir, tmp_path, "--compile"))  # on the CPU: inductor's C++
     said, command = line.split(": python train.py ")
     assert re.fullmatch(r"train\.py: error: --compile failed \(InvalidCxxCompiler: No working "
                         r"C\+\+ compiler found in .*no-such-c\+\+.*\): run without it \(compiled "

@@ -357,8 +357,8 @@ assert rows[-1][4] <= rows[-1][5] * (1 + 1e-6) and rows[-1][4] > rows[-1][1]
 # less at a large one, where m̂/√v̂ falls below 1 as gradients change sign and the rows grow
 # longer (the 50-step mean below). For DeLoRA turning is all A and B do -- ΔW = λ · D(angles)
 # -- so its learning rate decides how fast the angles move, and with them how much of the cap
-# 2|λ|·max w the update uses, never the cap. LoRA's ΔW starts at 0
-# (B = 0) and grows with lr x steps, unbounded: its learning rate sets the update's size.
+# 2|λ|·max w the update uses, never the cap. LoRA's ΔW starts at 0 (B = 0) and grows with
+# lr x steps, unbounded: its learning rate sets the update's size.
 print("8. Why DeLoRA wants a larger learning rate: angle turned by a_i, and ‖ΔW‖_F after steps")
 print("   method  lr     | a_i turns at step 1 (atan formula) | mean, 50 steps | ‖ΔW‖_F after 1, "
       "10, 50 steps")
