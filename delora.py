@@ -207,7 +207,7 @@ def factors_together(delora_layers, model, inputs=None):
     difference is exactly zero on any device. (Compiled, the graph computes it each step.)
     Under autocast the factors are cast to its dtype here, once: the values each layer's
     products would cast them to, with the same gradients."""
-    groups, kept = {}, model.__dict__.setdefault("delora_frozen", {})
+    groups = {}
     for m in delora_layers:
         if not m.merged:
             groups.setdefault((m.A.shape, m.B.shape, m.A.dtype, m.A.device), []).append(m)
@@ -217,6 +217,8 @@ def factors_together(delora_layers, model, inputs=None):
             A0, B0, w = stack("A0", "B0", "w")
             frozen = unit_terms(A0, B0)
         else:
+            # here, out of a compiled graph's reach: torch 2.11's dynamo cannot trace __dict__
+            kept = model.__dict__.setdefault("delora_frozen", {})
             stamp = [(t.data_ptr(), t._version) for m in layers for t in (m.A0, m.B0, m.w)]
             if key not in kept or kept[key][0] != stamp:  # first call, or loaded, or moved
                 with torch.inference_mode(False):  # kept for training too, even if made while
