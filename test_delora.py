@@ -763,13 +763,14 @@ def test_compiled_dropout_draws_eager_masks_so_compile_changes_rounding_only(ckp
 
 @pytest.mark.slow
 def test_a_failed_compile_is_one_line_and_its_resume_command_runs_without_it(ckpt, glue_dir,
-                                                                             tmp_path,
-                                                                             monkeypatch):
+                                                                             tmp_path):
     """--compile where inductor finds no C++ compiler (one that does not exist): one line with
     the cause, the run `failed`, and a --resume command without --compile that finishes it."""
     import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
-    line = refused(*args_of(ckpt, glue_dir, tmp_path, "--compile"))  # on the CPU: inductor's C++
+    # inductor's own patch, which puts the compiler back (monkeypatch's undo deletes the setting:
+    # every later compile in this process would fail)
+    with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++"))}):
+        line = refused(*args_of(ckpt, glue_dir, tmp_path, "--compile"))  # on the CPU: its C++
     said, command = line.split(": python train.py ")
     assert re.fullmatch(r"train\.py: error: --compile failed \(InvalidCxxCompiler: No working "
                         r"C\+\+ compiler found in .*no-such-c\+\+.*\): run without it \(compiled "
@@ -777,7 +778,6 @@ def test_a_failed_compile_is_one_line_and_its_resume_command_runs_without_it(ckp
                         r"it from the beginning", said), said
     assert "--compile" not in command and command.endswith(" --resume")
     assert summary_in(tmp_path)["status"] == "failed"
-    monkeypatch.undo()
     assert run_cli(*shlex.split(command))["status"] == "finished"
 
 
