@@ -291,8 +291,9 @@ NO_LOCKS = {getattr(errno, n) for n in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOS
 
 
 def take_lock(path):
-    """One writer per run: filelock's exclusive lock on <run>.lock, the file naming its holder.
-    The kernel drops it when its holder dies: the file a killed run leaves locks nothing. A
+    """One writer per run: filelock's exclusive lock on <run>.lock, the file naming its holder
+    (where the disk has room for that line). The kernel drops the lock when its holder dies: the
+    file a killed run leaves locks nothing. A
     file system without locks (some Lustre or FUSE mounts) runs unlocked, saying so."""
     lock = FileLock(str(path))
     try:
@@ -308,7 +309,8 @@ def take_lock(path):
         say(f"note: {Path(path).parent} offers no file locks ({why(e)}): nothing stops a second "
             f"process from writing this run at the same time")
         return None
-    Path(path).write_text(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%c')}")
+    with suppress(OSError), open(path, "w") as f:  # a full disk: the run's first write says so
+        f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%c')}")
     return lock
 
 

@@ -2178,12 +2178,9 @@ def test_one_writer_per_run_naming_the_holder_stale_locks_free_and_no_locks_said
     assert re.search(r"cannot take the run's lock .*\.lock: input/output error$",
                      refused(*args_of(ckpt, glue_dir, tmp_path / "b", seed=1)))
     monkeypatch.undo()  # a disk full from the start: the lock's own line is the first write
-    write_text = Path.write_text
-    monkeypatch.setattr(Path, "write_text", lambda path, text: fail(OSError(
-        errno.ENOSPC, "No space left on device", str(path))) if path.suffix == ".lock" else
-        write_text(path, text))
-    assert re.fullmatch(r"train.py: error: .*/c/.*\.lock: no space left on device",
-                        refused(*args_of(ckpt, glue_dir, tmp_path / "c")))
+    monkeypatch.setattr(cli, "open", FullDisk(".lock"), raising=False)  # no room for its line:
+    assert train_tiny(ckpt, glue_dir, tmp_path / "c")["status"] == "finished"  # held all the same
+    assert not leftovers(tmp_path / "c")  # a full disk: test_real_full_and_read_only_file_systems
 
 
 @pytest.mark.slow
@@ -2419,9 +2416,10 @@ def test_real_full_and_read_only_file_systems(ckpt, glue_dir, tmp_path, mounts, 
     assert not leftovers(disk) and summary_in(disk)["status"] == "failed"
     subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
     assert run_cli(*argv, "--resume")["status"] == "finished"
-    tiny = tmp_path / "tiny"                                  # one page: not even the first JSON
+    tiny = tmp_path / "tiny"                       # one page, and full: not even the lock's line
     tiny.mkdir()
     mounts("-t", "tmpfs", "-o", "size=4k", "tmpfs", tiny)
+    (tiny / "filler").write_bytes(bytes(4096))
     with pytest.raises(SystemExit, match=r"cannot write .*\.json: no space left on device; no "
                                          r"half-written file is left; --resume starts it from "
                                          r"the beginning: python train.py rte 0 .*--resume \(and "
