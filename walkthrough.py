@@ -18,6 +18,7 @@ the first cell alone.
 # %% The layer
 import argparse
 import copy
+import io
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import RunError, write_atomic  # a file written whole (torch-free)
 from delora import DeLoRALinear, LoRALinear
 
 HERE = Path(globals().get("__file__", "walkthrough.py")).resolve().parent  # a cell: the cwd
@@ -282,12 +284,12 @@ if FIGURE:
         ax.set(xscale="log", yscale="log", xlabel="learning rate of A and B (AdamW, 100 steps)",
                ylabel="‖ΔW‖_F", title=f"one layer ({source.split(',')[0]}), r = {r}")
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.savefig(png := io.BytesIO(), format="png", dpi=150)
         try:  # a read-only checkout, a full disk: the walkthrough goes on without it
-            Path(FIGURE).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(FIGURE, dpi=150)
+            write_atomic(FIGURE, png.getvalue())  # whole, or an earlier figure kept as it was
             print(f"   figure: {FIGURE}")
-        except OSError as e:
-            print(f"   (no figure: cannot write {FIGURE}: {e.strerror or e})")
+        except RunError as e:
+            print(f"   (no figure: {e})")
         plt.close(fig)
 print()
 
