@@ -210,6 +210,13 @@ def main(argv=None):
                                                 problem.replace("folder", "file")))
         if args.output:
             check_output(args.output, "--output", folder=False)
+            out, run = Path(args.output).resolve(), Path(args.run_json).resolve()
+            if out.parent == run.parent and out.name.startswith((f"{run.stem}.", f"{run.stem}_")):
+                raise UsageError(f"--output {args.output} would replace a file of the run "
+                                 f"{run.stem} (its JSON, adapter, logs): name another file")
+            if args.input and out == Path(args.input).resolve():
+                raise UsageError(f"--output {args.output} would replace --input: name another "
+                                 f"file")
         if args.text is None and not (args.input or args.save_merged or args.save_peft):
             raise UsageError("give TEXT (and TEXT_B) or --input FILE to score, or --save-merged "
                              "DIR or --save-peft DIR to export")

@@ -2835,6 +2835,14 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
     assert (tmp_path / "out" / "preds.tsv").read_text().splitlines() == \
         ["index\tprediction"] + [f"{i}\t{p}" for i, p in enumerate(preds)]
     assert capsys.readouterr().out.startswith(f"{len(preds)} predictions written to ")
+    for output in (run_json, run_json.with_name(run_json.stem + "_adapter.safetensors"),
+                   tmp_path / "plain.jsonl"):  # what it reads: refused, before anything is read
+        assert refused(run_json, "--input", tmp_path / "plain.jsonl", "--output", output,
+                       main=predict.main).endswith(f"--output {output} would replace " + (
+                           "--input: name another file" if output.suffix == ".jsonl" else
+                           f"a file of the run {run_json.stem} (its JSON, adapter, logs): name "
+                           f"another file"))
+    assert json.loads(run_json.read_text()) == s
     (tmp_path / "bad.jsonl").write_text('{"sentence1": "A man."}\n')
     assert refused(run_json, "--input", tmp_path / "bad.jsonl", main=predict.main).endswith(
         "bad.jsonl, line 1: not a JSON object with sentence1, sentence2 as text")
