@@ -429,6 +429,11 @@ def main(argv=None):
         if not runs:
             raise UsageError(f"no run summaries under {args.out_dir} (train.py writes one "
                              f"<run>.json per run)")
+        summaries = {Path(r["path"]).resolve() for r in runs}
+        for option, path in (("--csv", args.csv), ("--json", args.json)):
+            if path and Path(path).resolve() in summaries:  # the run would be lost
+                raise UsageError(f"{option} {path} would replace a run's summary: name another "
+                                 f"file")
         text, data = report(runs)
         say(text, end="")
         rows = io.StringIO(newline="")

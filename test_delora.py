@@ -2666,6 +2666,12 @@ def test_report_outputs_are_written_whole_or_not_at_all_and_ctrl_c_is_one_line(
         f"version is kept" == refused(tmp_path / "runs", "--json", earlier, main=report.main)
     assert earlier.read_text() == '{"rows": "an earlier, valid report"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json", "runs"]
+    summary = next((tmp_path / "runs").rglob("*.json"))
+    capsys.readouterr()
+    for option in ("--json", "--csv"):  # onto a run's JSON: refused before the table prints
+        assert refused(tmp_path / "runs", option, summary, main=report.main) == \
+            f"report.py: error: {option} {summary} would replace a run's summary: name another file"
+    assert json.loads(summary.read_text())["status"] == "finished" and not capsys.readouterr().out
     monkeypatch.setattr(report, "load_runs", lambda *a: fail(KeyboardInterrupt()))
     with pytest.raises(SystemExit) as e:
         report.main([str(tmp_path / "runs")])
