@@ -350,7 +350,7 @@ class RunFiles:
         cfg = self.cfg
         return dict(task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
                     overrides=cfg.overrides(), run_name=run_name(cfg),
-                    command=f"python train.py {cfg.command()}",
+                    command=f"python train.py {cfg.command(resume=False)}",  # what starts it
                     model_tag=checkpoint_tag(cfg.model), data_tag=data_tag(cfg) or None,
                     metric=get_task(cfg.task).metrics[0], params=count_parameters(self.model),
                     device=str(self.device), tf32=tf32, processes=self.dist.world,

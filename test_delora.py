@@ -2050,6 +2050,7 @@ def test_resume_with_nothing_to_resume_starts_from_the_beginning(ckpt, glue_dir,
     argv = args_of(ckpt, glue_dir, tmp_path / "requeued", epochs=2)
     requeued = run_cli(*argv, "--resume")
     assert "nothing to resume under" in capsys.readouterr().out
+    assert requeued["command"].endswith(" --out-dir " + str(tmp_path / "requeued"))  # not twice
     assert [e["val"] for e in requeued["epochs"]] == [e["val"] for e in plain["epochs"]]
     json_path = next((tmp_path / "requeued").rglob("*.json"))   # as SIGKILLed at step 1
     json_path.write_text(json.dumps(dict(json.loads(json_path.read_text()), status="running",
