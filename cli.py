@@ -293,8 +293,8 @@ NO_LOCKS = {getattr(errno, n) for n in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOS
 def take_lock(path):
     """One writer per run: filelock's exclusive lock on <run>.lock, the file naming its holder
     (where the disk has room for that line). The kernel drops the lock when its holder dies: the
-    file a killed run leaves locks nothing. A
-    file system without locks (some Lustre or FUSE mounts) runs unlocked, saying so."""
+    file a killed run leaves locks nothing. A file system without locks (some Lustre or FUSE
+    mounts) runs unlocked, saying so."""
     lock = FileLock(str(path))
     try:
         lock.acquire(blocking=False)

@@ -2178,8 +2178,8 @@ def test_one_writer_per_run_naming_the_holder_stale_locks_free_and_no_locks_said
                                                                     "Input/output error")))
     assert re.search(r"cannot take the run's lock .*\.lock: input/output error$",
                      refused(*args_of(ckpt, glue_dir, tmp_path / "b", seed=1)))
-    monkeypatch.undo()  # a disk full from the start: the lock's own line is the first write
-    monkeypatch.setattr(cli, "open", FullDisk(".lock"), raising=False)  # no room for its line:
+    monkeypatch.undo()  # a disk full from the start: the lock's own line, the first write, fails
+    monkeypatch.setattr(cli, "open", FullDisk(".lock"), raising=False)
     assert train_tiny(ckpt, glue_dir, tmp_path / "c")["status"] == "finished"  # held all the same
     assert not leftovers(tmp_path / "c")  # a full disk: test_real_full_and_read_only_file_systems
 
@@ -2670,8 +2670,9 @@ def test_report_outputs_are_written_whole_or_not_at_all_and_ctrl_c_is_one_line(
     summary = next((tmp_path / "runs").rglob("*.json"))
     capsys.readouterr()
     for option in ("--json", "--csv"):  # onto a run's JSON: refused before the table prints
-        assert refused(tmp_path / "runs", option, summary, main=report.main) == \
-            f"report.py: error: {option} {summary} would replace a run's summary: name another file"
+        assert refused(tmp_path / "runs", option, summary, main=report.main) == (
+            f"report.py: error: {option} {summary} would replace a run's summary: name "
+            f"another file")
     assert json.loads(summary.read_text())["status"] == "finished" and not capsys.readouterr().out
     monkeypatch.setattr(report, "load_runs", lambda *a: fail(KeyboardInterrupt()))
     with pytest.raises(SystemExit) as e:
