@@ -95,8 +95,8 @@ FAULTS = [  # (type or test, line, status: None = the RunError's own, --resume g
     (compile_failed, "error: --compile failed ({cause}): run without it (compiled or not, the "
                      "numbers differ by float rounding only)", "failed", True, 1, True,
      {"compile": False}),
-    (peer_gone, "error: another process of this torchrun launch is gone ({kind}: its own line "
-                "says why)", "failed", True, 1, True, {}),
+    (peer_gone, "error: another process of this torchrun launch is gone ({kind}: its own line, "
+                "or torchrun's report of its exit, says why)", "failed", True, 1, True, {}),
     (OSError, "error: {file}: {why}", "failed", True, 1, True, {}),
 ]
 

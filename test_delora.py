@@ -2509,7 +2509,8 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
     ours = [line for line in cut.stderr.splitlines() if line.startswith("train.py: ")]
     assert len(ours) == 1 and ours[0].startswith(
         "train.py: rank 1: error: another process of this torchrun launch is gone (RuntimeError: "
-        "its own line says why); --resume continues from the checkpoint of step 3: torchrun "
+        "its own line, or torchrun's report of its exit, says why); --resume continues from the "
+        "checkpoint of step 3: torchrun "
         "<its options> train.py rte 1 ") and ours[0].endswith(" --resume")
     assert f"{HERE / 'run.py'}\", line" not in cut.stderr    # no traceback of ours
     p = torchrun(tmp_path, argv("cut", "--resume"))
