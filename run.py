@@ -350,12 +350,19 @@ class RunFiles:
         cfg = self.cfg
         return dict(task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
                     overrides=cfg.overrides(), run_name=run_name(cfg),
-                    command=f"python train.py {cfg.command(resume=False)}",  # what starts it
+                    command=self.command(resume=False),  # what starts it
                     model_tag=checkpoint_tag(cfg.model), data_tag=data_tag(cfg) or None,
                     metric=get_task(cfg.task).metrics[0], params=count_parameters(self.model),
                     device=str(self.device), tf32=tf32, processes=self.dist.world,
                     torch=torch.__version__, host=platform.node(), epochs=[], best_epoch=None,
                     val=None, test=None)
+
+    def command(self, **changes):
+        """The command line of this run (with `changes`: TrainConfig.command), under torchrun
+        with the launch's own options left to its user."""
+        torchrun = self.dist.world > 1
+        launch = "torchrun <its options> train.py" if torchrun else "python train.py"
+        return f"{launch} {self.cfg.command(torchrun=torchrun, **changes)}"
 
     def checkpoint(self):
         """All the run needs to continue (trainable tensors with A₀, B₀, w; AdamW and schedule;
@@ -622,11 +629,10 @@ def end(run, error):
     if error is not None and (f is None or f.resumable):
         changes = f.changes if f else {}  # what --resume must change, if anything (cli.FAULTS)
         run.summary = json.loads(run.saved)
-        launch = "python train.py" if run.dist.world == 1 else "torchrun <its options> train.py"
         error.resume = ("; --resume starts it from the beginning" if run.checkpointed is None
                         else f"; --resume continues from the checkpoint of step "
                         f"{run.checkpointed}") + \
-            f": {launch} {run.cfg.command(torchrun=run.dist.world > 1, resume=True, **changes)}"
+            f": {run.command(resume=True, **changes)}"
     run.summary.update(status=status, wall_time_s=round(time.monotonic() - run.t_start, 1))
     run.summary.update({"error": text} if text else {})
     try:

@@ -2500,6 +2500,7 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
     assert files == [".json", ".txt", "_TEST.txt", "_adapter.safetensors"]   # one set of logs
     ddp = summary_in(tmp_path / "ddp")
     assert ddp["processes"] == 2 and ddp["status"] == "finished"
+    assert ddp["command"].startswith("torchrun <its options> train.py rte 1 ")  # report's hint
     assert [e["train_loss"] for e in ddp["epochs"]] == pytest.approx(
         [e["train_loss"] for e in single["epochs"]], rel=1e-4)
     assert [e["val"] for e in ddp["epochs"]] == [e["val"] for e in single["epochs"]]
