@@ -140,11 +140,12 @@ def read_summary(path):
     return summary if isinstance(summary, dict) else {}
 
 
-def existing_run(cfg, paths):
+def existing_run(run):
     """What is on disk under the run's name decides: 'fresh', 'resume' or 'ended' (nothing to do
     with --resume); a bad combination is a UsageError. --resume with nothing to resume starts
     from the beginning, so that a requeue always works. Called holding the run's lock: a JSON
     that still says `running` is a run whose process is gone (killed, or its machine)."""
+    cfg, paths = run.cfg, run.paths
     summary = read_summary(paths["json"])
     status, checkpoint = (summary or {}).get("status"), paths["checkpoint"].exists()
     done = len((summary or {}).get("epochs") or [])
@@ -162,7 +163,7 @@ def existing_run(cfg, paths):
         raise UsageError(f"{what} but its checkpoint {paths['checkpoint']} is gone: pass "
                          f"--overwrite to start over")
     if not cfg.resume and (checkpoint or summary is not None):
-        raise UsageError(f"{what}: resume it with python train.py {cfg.command(resume=True)}, "
+        raise UsageError(f"{what}: resume it with {run.command(resume=True)}, "
                          f"or pass --overwrite to start over" if checkpoint else
                          f"{what} and has no checkpoint: pass --resume or --overwrite to start "
                          f"it from the beginning")
@@ -534,7 +535,7 @@ class Run(Steps, RunFiles):
         if self.main and self.paths["lock"].exists():  # it may be running: then say who runs it
             self.lock = take_lock(self.paths["lock"])
         try:
-            ended = existing_run(cfg, self.paths) == "ended"
+            ended = existing_run(self) == "ended"
         except UsageError:  # refused before the run began: the lock goes too (train() in a
             self.unlock()   # notebook may try again)
             raise
@@ -578,7 +579,7 @@ class Run(Steps, RunFiles):
             self.lock = self.lock or take_lock(paths["lock"])
             for key in ("log", "test", "json", "adapter", "checkpoint"):
                 remove_stale(paths[key])
-        decision = existing_run(cfg, paths)
+        decision = existing_run(self)
         self.dist.barrier()  # every rank has decided before rank 0 writes the new JSON
         if decision == "ended":
             raise UsageError(f"{paths['json']} ended while this process was starting")

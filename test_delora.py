@@ -2514,6 +2514,9 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
         "checkpoint of step 3: torchrun "
         "<its options> train.py rte 1 ") and ours[0].endswith(" --resume")
     assert f"{HERE / 'run.py'}\", line" not in cut.stderr    # no traceback of ours
+    p = torchrun(tmp_path, argv("cut"))                       # without --resume: refused,
+    assert p.returncode == 1 and "resume it with torchrun <its options> train.py rte 1 " in \
+        p.stderr                                              # with the torchrun line to resume
     p = torchrun(tmp_path, argv("cut", "--resume"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed at epoch 1, batch 3 (step 3)" in p.stdout
