@@ -2514,9 +2514,12 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
         "checkpoint of step 3: torchrun "
         "<its options> train.py rte 1 ") and ours[0].endswith(" --resume")
     assert f"{HERE / 'run.py'}\", line" not in cut.stderr    # no traceback of ours
-    p = torchrun(tmp_path, argv("cut"))                       # without --resume: refused,
-    assert p.returncode == 1 and "resume it with torchrun <its options> train.py rte 1 " in \
-        p.stderr                                              # with the torchrun line to resume
+    cfg = train.parse_args([str(a) for a in argv("cut")])     # without --resume, as rank 0 of
+    two = SimpleNamespace(cfg=cfg, paths=run.run_paths(cfg), dist=run.Dist(world=2))  # two sees
+    two.command = functools.partial(run.RunFiles.command, two)  # it: refused, with the line
+    with pytest.raises(cli.UsageError, match="resume it with torchrun <its options> train.py "
+                                             "rte 1 "):        # that resumes it
+        run.existing_run(two)
     p = torchrun(tmp_path, argv("cut", "--resume"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed at epoch 1, batch 3 (step 3)" in p.stdout
