@@ -2514,11 +2514,13 @@ def test_two_processes_train_the_single_process_run_end_on_a_dead_peer_and_resum
         "checkpoint of step 3: torchrun "
         "<its options> train.py rte 1 ") and ours[0].endswith(" --resume")
     assert f"{HERE / 'run.py'}\", line" not in cut.stderr    # no traceback of ours
-    cfg = train.parse_args([str(a) for a in argv("cut")])     # without --resume, as rank 0 of
-    two = SimpleNamespace(cfg=cfg, paths=run.run_paths(cfg), dist=run.Dist(world=2))  # two sees
-    two.command = functools.partial(run.RunFiles.command, two)  # it: refused, with the line
+    # started again without --resume, as rank 0 of two processes sees it: refused, naming the
+    # torchrun line that resumes it
+    cfg = train.parse_args([str(a) for a in argv("cut")])
+    two = SimpleNamespace(cfg=cfg, paths=run.run_paths(cfg), dist=run.Dist(world=2))
+    two.command = functools.partial(run.RunFiles.command, two)
     with pytest.raises(cli.UsageError, match="resume it with torchrun <its options> train.py "
-                                             "rte 1 "):        # that resumes it
+                                             "rte 1 "):
         run.existing_run(two)
     p = torchrun(tmp_path, argv("cut", "--resume"))
     assert p.returncode == 0, p.stderr[-2000:]

@@ -284,7 +284,8 @@ if FIGURE:
         ax.set(xscale="log", yscale="log", xlabel="learning rate of A and B (AdamW, 100 steps)",
                ylabel="‖ΔW‖_F", title=f"one layer ({source.split(',')[0]}), r = {r}")
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.savefig(png := io.BytesIO(), format="png", dpi=150)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=150)
         try:  # a read-only checkout, a full disk: the walkthrough goes on without it
             write_atomic(FIGURE, png.getvalue())  # whole, or an earlier figure kept as it was
             print(f"   figure: {FIGURE}")
