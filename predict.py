@@ -203,6 +203,11 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
+        if args.input and args.text is not None:  # one would be scored, the other not
+            raise UsageError("give TEXT (and TEXT_B) or --input FILE, not both")
+        if args.output and not args.input:  # TEXT's prediction is printed: nothing would go there
+            raise UsageError(f"--output {args.output} holds --input's predictions: give --input "
+                             f"FILE too")
         for path in (args.run_json, args.input):
             if path is not None and not Path(path).is_file():  # what is there instead, in words
                 problem = not_a_folder(path)

@@ -2861,6 +2861,11 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
                            f"a file of the run {run_json.stem} (its JSON, adapter, logs): name "
                            f"another file"))
     assert json.loads(run_json.read_text()) == s
+    assert refused(run_json, "A man.", "A man eats.", "--input", tmp_path / "plain.jsonl",
+                   main=predict.main).endswith("give TEXT (and TEXT_B) or --input FILE, not both")
+    assert refused(run_json, "A man.", "A man eats.", "--output", tmp_path / "one.jsonl",
+                   main=predict.main).endswith(f"--output {tmp_path / 'one.jsonl'} holds "
+                                               f"--input's predictions: give --input FILE too")
     (tmp_path / "bad.jsonl").write_text('{"sentence1": "A man."}\n')
     assert refused(run_json, "--input", tmp_path / "bad.jsonl", main=predict.main).endswith(
         "bad.jsonl, line 1: not a JSON object with sentence1, sentence2 as text")
