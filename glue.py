@@ -158,7 +158,7 @@ def read_tsv(task, path, labels=True):
     """
     import datasets
     spec = TASKS[task]
-    if not path.is_file():
+    if not path.exists():  # a pipe is read too
         raise FileNotFoundError(f"missing file {path}")
     try:
         lines = path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").split("\n")

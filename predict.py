@@ -208,10 +208,10 @@ def main(argv=None):
         if args.output and not args.input:  # TEXT's prediction is printed: nothing would go there
             raise UsageError(f"--output {args.output} holds --input's predictions: give --input "
                              f"FILE too")
-        for path in (args.run_json, args.input):
-            if path is not None and not Path(path).is_file():  # what is there instead, in words
-                problem = not_a_folder(path)
-                raise UsageError(f"{path}: " + ("a folder, not a file" if not problem else
+        for path in (args.run_json, args.input):  # a file, or a pipe: --input <(head dev.tsv)
+            problem = path is not None and not_a_folder(path)  # what is there, in words
+            if path is not None and problem != "a file, not a folder":
+                raise UsageError(f"{path}: " + ("a folder, not a file" if problem is None else
                                                 problem.replace("folder", "file")))
         if args.output:
             check_output(args.output, "--output", folder=False)

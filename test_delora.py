@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -2843,6 +2844,14 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
     assert metrics == s["test"] and json.loads(lines[-1]) == dict(metrics=s["test"],
                                                                   examples=len(rows))
     assert [json.loads(line)["prediction"] for line in lines[:-1]] == preds
+    pipe = tmp_path / "pipe"  # what --input <(head dev.tsv) gives: read as the file is
+    os.mkfifo(pipe)
+    threading.Thread(target=pipe.write_text, args=((tmp_path / "test.tsv").read_text(),),
+                     daemon=True).start()
+    assert predict.main([str(run_json), "--input", str(pipe)]) == (preds, metrics)
+    assert refused(run_json, "--input", os.devnull, main=predict.main).endswith(
+        f"{os.devnull} is empty")
+    capsys.readouterr()
     assert len(preds) == len(rows) and set(json.loads(lines[0])) == {"index", "prediction",
                                                                      "probabilities"}
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(dict(sentence1=a, sentence2=b)) +
