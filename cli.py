@@ -203,11 +203,19 @@ def say(text="", err=False, end="\n", everywhere=False):
 def write_atomic(path, data):
     """Write bytes (or str, as UTF-8) -- or a folder: data(tmp) writes it -- under a temporary
     name of this process beside path, then rename it over path: readers see the old version or
-    the new one, never a part (a link to a folder stays; the folder it names is replaced). A
-    failed write removes the temporary, keeps the old version and is a RunError saying so;
-    what a killed earlier write of the folder left is undone first (`remove_stale`)."""
+    the new one, never a part (a link stays; the file or folder it names is replaced). A device
+    or a pipe is written into, never replaced (`special`). A failed write removes the
+    temporary, keeps the old version and is a RunError saying so; what a killed earlier write
+    of the folder left is undone first (`remove_stale`)."""
     path, folder = Path(path), callable(data)
-    path = path.resolve() if folder and path.is_symlink() else path
+    data = data.encode() if isinstance(data, str) else data
+    if not folder and special(path):
+        try:
+            path.write_bytes(data)
+        except OSError as e:
+            raise RunError(f"cannot write {path}: {why(e)}") from e
+        return
+    path = path.resolve() if path.is_symlink() else path
     tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{k}") for k in ("tmp", "old"))
     kept = "what was there is kept" if folder else "the previous version is kept" \
         if path.exists() else "no half-written file is left"
@@ -220,7 +228,7 @@ def write_atomic(path, data):
                 os.replace(path, old)  # killed before the next rename: remove_stale undoes it
         else:
             with open(tmp, "wb") as f:  # mode 0666 & ~umask, like any other file
-                f.write(data.encode() if isinstance(data, str) else data)
+                f.write(data)
         os.replace(tmp, path)
     except BaseException as e:
         _remove(tmp)
@@ -241,6 +249,12 @@ def remove_stale(path):
             os.replace(stale, path)
         elif stale.suffix in (".tmp", ".old"):
             _remove(stale)
+
+
+def special(path):
+    """Whether path names a device or a pipe (/dev/null, /dev/stdout, a shell's >(...)): what a
+    write goes into where it is. Renamed over, it would become a file (/dev/null, as root)."""
+    return os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path))
 
 
 def _remove(path):
@@ -267,6 +281,10 @@ def check_output(path, option, folder=True, given=None):
     a read-only file system). A UsageError naming the option (and `given`: what the user said,
     if path is made from it) otherwise."""
     path, named = Path(path), f"{option} {path if given is None else given}"
+    if not folder and special(path):  # written into where it is (`write_atomic`)
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{named}: cannot write it: permission denied")
+        return
     if not folder and path.is_dir():
         raise UsageError(f"{named}: a folder, not a file")
     if path.is_symlink():

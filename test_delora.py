@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -2123,6 +2124,23 @@ def test_files_are_replaced_atomically_under_unique_names_and_stale_temps_remove
     os.umask(umask)
     modes = {p.name.rsplit("_", 1)[-1]: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
     assert set(modes.values()) == {0o666 & ~umask}, modes      # the umask, like any other file
+
+
+def test_a_link_stays_and_a_pipe_is_written_into_never_replaced_by_a_file(tmp_path):
+    """--json link.json writes the file the link names; --json >(jq .) or /dev/null (a pipe, a
+    device) is written into: a rename over it would leave a plain file there (as root, in /dev)."""
+    (tmp_path / "target.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    cli.write_atomic(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "target.json").read_text() == "new"
+    pipe, got = tmp_path / "pipe", []
+    os.mkfifo(pipe)
+    reader = threading.Thread(target=lambda: got.append(pipe.read_text()), daemon=True)
+    reader.start()
+    cli.check_output(pipe, "--json", folder=False)
+    cli.write_atomic(pipe, '{"rows": []}')
+    reader.join(timeout=10)
+    assert got == ['{"rows": []}'] and stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
 @pytest.mark.parametrize("damage", ["empty", "random bytes", "a tensor's bytes", "none"])
