@@ -493,6 +493,31 @@ def test_the_bounds_rank_over_r_and_two_lambda_max_w_hold_for_any_a_and_b():
         assert layer.delta_weight().norm() <= 2 * 3.0 * w_max * (1 + 1e-5)
 
 
+def test_the_update_sees_directions_only_and_some_turns_leave_it_zero():
+    """DeLoRALinear's docstring: a row of A or a column of B rescaled (by a positive factor,
+    above the clamp) changes nothing; at the start, flipping the signs of a_i and b_i together,
+    or swapping two terms, turns directions yet leaves ΔW at 0; doubling λ doubles ΔW."""
+    layer = moved(make_layer(lam=2.5))
+    before = layer.delta_weight().detach()
+    with torch.no_grad():
+        layer.A[1] *= 7.0
+        layer.B[:, 2] *= 0.01
+        torch.testing.assert_close(layer.delta_weight(), before)
+        layer.lam.mul_(2)
+        torch.testing.assert_close(layer.delta_weight(), 2 * before)
+    for turn in ("flip", "swap"):
+        layer = make_layer(lam=2.5)
+        with torch.no_grad():
+            if turn == "flip":
+                layer.A[0].neg_()
+                layer.B[:, 0].neg_()
+            else:
+                layer.A[[0, 1]] = layer.A[[1, 0]]
+                layer.B[:, [0, 1]] = layer.B[:, [1, 0]]
+        assert not torch.equal(layer.A, layer.A0) and not torch.equal(layer.B, layer.B0)
+        assert layer.delta_weight().abs().max() < 1e-6, turn
+
+
 def test_update_column_j_scales_with_pretrained_column_norm():
     base, scaled = nn.Linear(5, 6), nn.Linear(5, 6)
     with torch.no_grad():
