@@ -16,7 +16,6 @@ Times are the median step after --warmup steps; real tokens/s counts non-pad tok
 timed steps; peak memory is the GPU's (each case's own: all run in this one process, where a
 CPU's max RSS only grows, so none is given on the CPU).
 """
-import argparse
 import contextlib
 import functools
 import json
@@ -229,8 +228,13 @@ def bench_one(case, args, device):
     return dict(case, step_s=step, real_tokens_per_s=tok_s, peak_mb=peak)
 
 
+LIMITS = {  # what a benchmark can measure: at least, at most (roberta-base's 512 positions)
+    "batch_size": (1, None), "seq_len": (1, roberta.RobertaConfig().max_tokens),
+    "steps": (1, None), "warmup": (0, None)}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, help="adapter table (default: 32 on a GPU, 8 on CPU)")
     p.add_argument("--seq-len", type=int, default=128, help="adapter table (default: 128)")
@@ -238,8 +242,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--data", default=str(glue.LOCAL_GLUE),
-                   help="classic GLUE folder with RTE/ and SST-2/ (for the padding table)")
+    p.add_argument("--data", help="classic GLUE folder with RTE/ and SST-2/ (for the padding "
+                   "table; default: ../shared/glue beside this checkout, if there)")
     p.add_argument("--tokenizer", help="checkpoint whose tokenizer measures lengths (default: "
                    "the MiniLM package if installed; roberta-base needs the hub)")
     p.add_argument("--only", choices=["adapters", "padding"], help="run one table only")
@@ -247,6 +251,12 @@ def main(argv=None):
                    "adapter, as CUDA runs them (counted on the CPU), and nothing else")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    for name, (least, most) in LIMITS.items():
+        value = getattr(args, name)
+        if value is not None and not least <= value <= (most or value):
+            p.error(f"--{name.replace('_', '-')} must be " + (f"in [{least}, {most}]" if most
+                                                                else f">= {least}")
+                    + f", got {value}")
     if args.count_ops:
         rows = {c: count_ops(c, args.bf16) for c in ("a_head_only", "b_lora", "c_delora")}
         print("| configuration | forward | backward | optimizer | step | over LoRA |\n"
@@ -257,9 +267,26 @@ def main(argv=None):
         return rows
     with cli.command_line("bench.py"):  # a place we cannot write: one line, before measuring
         cli.check_output(args.out, "--out", folder=False)
-        device = run.Dist().start(args.device)
+        padding_data(args)
+        with cli.user_errors():  # a device that is not here, or no device at all
+            device = run.Dist().start(args.device)
         with run.backends(device, args.compile):  # as a run has them
             return measure(args, device)
+
+
+def padding_data(args):
+    """The GLUE files of the padding table: --data's, or by default ../shared/glue's; where the
+    default has none, the adapter table alone, said so. A UsageError where asked for and absent."""
+    folder = Path(args.data or glue.LOCAL_GLUE)
+    missing = [f for f in (folder / glue.TASKS[t].folder / "train.tsv" for t in ("rte", "sst2"))
+               if not f.is_file()]
+    if missing and args.only != "adapters":
+        if args.data or args.only == "padding":
+            raise cli.UsageError(f"--data {folder}: no {missing[0]} (the padding table reads "
+                                 f"RTE's and SST-2's train.tsv)")
+        cli.say(f"note: no GLUE files in {folder} (--data DIR): the adapter table alone")
+        args.only = "adapters"
+    args.data = str(folder)
 
 
 def measure(args, device):
@@ -287,7 +314,7 @@ def measure(args, device):
         for r in steps:
             print(f"| {CONFIGS[r['config']]} | {1000 * r['step_s']:.1f} | "
                   f"{r['step_s'] / lora:.3f}x | {mb(r)} |", flush=True)
-    if args.only in (None, "padding") and (Path(args.data) / "RTE").is_dir():
+    if args.only in (None, "padding"):
         print(f"\nDeLoRA step on real batches (lengths from the tokenizer of {args.tokenizer})")
         print("| task | batch | order | padding (epoch) | computed | step (ms) | real tokens/s | "
               "peak GPU memory (MB) |\n|---|---|---|---|---|---|---|---|")

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import sys
 import time
@@ -190,6 +191,7 @@ class Dist:
         """The device (auto: cuda, mps, cpu; cuda: cuda:LOCAL_RANK under torchrun), the current
         one on a GPU (nothing lands on GPU 0 unasked); under torchrun the process group, NCCL or
         gloo, with a timeout: a collective waiting for a dead peer fails instead of hanging."""
+        check_device(name)
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available here; try cpu or auto")
         if name == "mps" and not torch.backends.mps.is_available():
@@ -214,6 +216,12 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier(device_ids=[self.device.index] if self.device.type ==
                                       "cuda" else None)
+
+
+def check_device(name):
+    """--device: auto, cpu, mps, cuda or cuda:N; else a ValueError naming them."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r}: valid: auto, cpu, cuda, cuda:N, mps")
 
 
 @contextmanager

@@ -3021,6 +3021,32 @@ def test_imports_flow_one_way():
         assert not imported(f) & {"transformers", "peft"}, f
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--seq-len", "600"], "--seq-len must be in [1, 512], got 600"),
+    (["--device", "xyz"], "--device 'xyz': valid: auto, cpu, cuda, cuda:N, mps"),
+    (["--data", "{tmp}", "--only", "padding"], "--data {tmp}: no {tmp}/RTE/train.tsv (the "
+                                               "padding table reads RTE's and SST-2's"),
+])
+def test_bench_bad_input_is_one_line_before_anything_is_measured(args, message, tmp_path,
+                                                                  capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "b.json")])
+    said = (e.value.code if isinstance(e.value.code, str) else "") + capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in said and len(said.strip().splitlines()) == 1
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_without_the_default_glue_files_measures_the_adapter_table_alone(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(glue, "LOCAL_GLUE", tmp_path)
+    args = SimpleNamespace(data=None, only=None)
+    bench.padding_data(args)
+    assert args.only == "adapters" and args.data == str(tmp_path)
+    assert capsys.readouterr().out == f"note: no GLUE files in {tmp_path} (--data DIR): the " \
+                                      f"adapter table alone\n"
+
+
 def test_ops_counted_as_cuda_runs_them_attention_and_dropout_one_each_way_values_unchanged():
     """bench.AsCUDA: the attention (its dropout included) and a dropout in training count one op
     forward and one backward (a dozen and four on the CPU), with the same values and gradients;

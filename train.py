@@ -16,7 +16,6 @@ predictions with a finished run are predict.py's, tables and figures report.py's
 import argparse
 import math
 import os
-import re
 import shlex
 import sys
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -32,7 +31,7 @@ from delora import add_adapters, adapter_diagnostics, adapter_state_dict, count_
 from delora import load_adapter_state_dict
 from glue import TASKS, batch_order, compute_metrics, encode, get_task, load_glue, metrics_text
 from roberta import check_max_length, from_pretrained, load_tokenizer, read_safetensors
-from run import Run, check_export, export_merged, run_name, seed_everything
+from run import Run, check_device, check_export, export_merged, run_name, seed_everything
 
 
 def setting(default=MISSING, help="", results=True, flags=(), **cli):
@@ -180,8 +179,7 @@ def check(cfg):
         for name in names:
             if getattr(cfg, name) is not None and not ok(getattr(cfg, name)):
                 raise ValueError(f"--{name.replace('_', '-')} {told.format(getattr(cfg, name))}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise ValueError(f"--device {cfg.device!r}: valid: auto, cpu, cuda, cuda:N, mps")
+    check_device(cfg.device)
     if cfg.method == "delora" and cfg.lam == 0 or cfg.method == "lora" and not cfg.alpha:
         update = ("--lam 0: DeLoRA's update (λ/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w"
                   if cfg.method == "delora" else "--alpha 0: LoRA's update (α/r) B A")
