@@ -1355,6 +1355,9 @@ def test_the_command_line_rebuilt_from_a_config_adapter_rank_under_torchrun_and_
         train.main(["--plan", "table4", "--per-gpu", "0"])
     with pytest.raises(SystemExit, match="--plan needs a plan: table4"):
         train.main(["--plan", "table5"])
+    with pytest.raises(SystemExit, match=f"--save-merged {tmp_path / 'm'}: one folder for 80 "
+                                         f"runs; export a finished run with predict.py"):
+        train.main(["--plan", "table4", "--save-m", str(tmp_path / "m")])
     with pytest.raises(SystemExit) as e:                     # options are checked once, up front
         train.main(["--plan", "table4", "--lr", "-1"])
     assert e.value.code == 2

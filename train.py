@@ -468,8 +468,12 @@ def plan(argv):
         del options[at:at + 2]
     runs = {task: [[task, str(seed), "--method", method, *options] for seed in range(42, 47)
                    for method in ("delora", "lora")] for task in TASKS}
-    for args in sum(runs.values(), []):
-        parse_args(args)  # a bad option fails here, not in 80 jobs
+    every = sum(runs.values(), [])
+    for args in every:
+        cfg = parse_args(args)  # a bad option fails here, not in 80 jobs
+    if cfg.save_merged:  # each run would replace the last one's export, or be refused by it
+        raise UsageError(f"--save-merged {cfg.save_merged}: one folder for {len(every)} runs; "
+                         f"export a finished run with predict.py RUN.json --save-merged DIR")
     lines = []
     for task_runs in runs.values():
         for i in range(0, len(task_runs), per_gpu):
