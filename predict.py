@@ -238,6 +238,12 @@ def main(argv=None):
         for option, folder, _ in exports:  # both checked before either is written
             check_export(folder, option, cfg.run_name, args.overwrite,
                          (("logs", Path(args.run_json).parent), ("model", cfg.model)))
+        if len(exports) == 2:  # each replaces its folder whole: the other lost, or mixed in
+            peft, merged = Path(args.save_peft).resolve(), Path(args.save_merged).resolve()
+            if peft in (merged, *merged.parents) or merged in peft.parents:
+                raise UsageError(f"--save-peft {args.save_peft} and --save-merged "
+                                 f"{args.save_merged}: one is, or holds, the other; give two "
+                                 f"folders apart")
         for _, folder, export in exports:  # merging last: it changes the model
             export(model, folder, cfg.run_name, cfg.model)
         if args.input:

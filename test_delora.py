@@ -2981,6 +2981,12 @@ def test_save_peft_is_an_exact_lora_adapter_in_pefts_format(kind, request, finis
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 8
     with pytest.raises(SystemExit, match="holds files that are not an export of this run"):
         predict.main([str(finished_run[1]), "--save-peft", str(tmp_path / "peft")])
+    if kind == "ckpt":  # one folder for both, or one in the other: the second would replace it
+        for peft, merged in (("both", "both"), ("m/peft", "m"), ("p", "p/merged")):
+            assert refused(run_json, "--save-peft", tmp_path / peft, "--save-merged",
+                           tmp_path / merged, main=predict.main).endswith(
+                f"{tmp_path / merged}: one is, or holds, the other; give two folders apart")
+            assert not (tmp_path / peft).exists() and not (tmp_path / merged).exists()
 
 
 def test_predict_caps_long_texts_before_encoding_them(finished_run):
