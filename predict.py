@@ -186,6 +186,49 @@ def export_peft(model, folder, run, pretrained):
     say(f"PEFT LoRA adapter (rank {up.shape[1]}, scale 1) written to {folder}")
 
 
+def check_arguments(args):
+    """What the command line asks, refused in one line before anything is read where it cannot
+    be done: TEXT and --input together, --output without --input or onto what the command
+    reads, a path that is not a file, an export folder that would hold another output."""
+    if args.input and args.text is not None:  # one would be scored, the other not
+        raise UsageError("give TEXT (and TEXT_B) or --input FILE, not both")
+    if args.output and not args.input:  # TEXT's prediction is printed: nothing would go there
+        raise UsageError(f"--output {args.output} holds --input's predictions: give --input "
+                         f"FILE too")
+    for path in (args.run_json, args.input):  # a file, or a pipe: --input <(head dev.tsv)
+        problem = path is not None and not_a_folder(path)  # what is there, in words
+        if path is not None and problem != "a file, not a folder":
+            raise UsageError(f"{path}: " + ("a folder, not a file" if problem is None else
+                                            problem.replace("folder", "file")))
+    if args.output:
+        check_output(args.output, "--output", folder=False)
+        out, run = Path(args.output).resolve(), Path(args.run_json).resolve()
+        if out.parent == run.parent and out.name.startswith((f"{run.stem}.", f"{run.stem}_")):
+            raise UsageError(f"--output {args.output} would replace a file of the run "
+                             f"{run.stem} (its JSON, adapter, logs): name another file")
+        if args.input and out == Path(args.input).resolve():
+            raise UsageError(f"--output {args.output} would replace --input: name another "
+                             f"file")
+    if args.text is None and not (args.input or args.save_merged or args.save_peft):
+        raise UsageError("give TEXT (and TEXT_B) or --input FILE to score, or --save-merged "
+                         "DIR or --save-peft DIR to export")
+    for i, text in enumerate(t for t in (args.text, args.text_b) if t is not None):
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:  # bytes the terminal's encoding could not decode
+            raise UsageError(f"TEXT{'_B' * i} is not UTF-8 text (at character {e.start})") \
+                from None
+    written = {option: place for option, place in (("--save-peft", args.save_peft), (
+        "--save-merged", args.save_merged), ("--output", args.output)) if place}
+    for option in [o for o in ("--save-peft", "--save-merged") if o in written]:
+        folder = Path(written[option]).resolve()  # replaced whole: nothing else this command
+        for other, place in written.items():      # writes may be in it (lost now, or by the
+            place = Path(place).resolve()         # run's next export)
+            if other != option and folder in (place, *place.parents):
+                raise UsageError(f"{option} {written[option]} would hold {other} {written[other]}, "
+                                 f"which this command writes too: give them places apart")
+
+
 def main(argv=None):
     p = Parser(prog="predict.py", description="Score sentences or a file with a finished run, "
                                               "or export it.")
@@ -203,34 +246,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
-        if args.input and args.text is not None:  # one would be scored, the other not
-            raise UsageError("give TEXT (and TEXT_B) or --input FILE, not both")
-        if args.output and not args.input:  # TEXT's prediction is printed: nothing would go there
-            raise UsageError(f"--output {args.output} holds --input's predictions: give --input "
-                             f"FILE too")
-        for path in (args.run_json, args.input):  # a file, or a pipe: --input <(head dev.tsv)
-            problem = path is not None and not_a_folder(path)  # what is there, in words
-            if path is not None and problem != "a file, not a folder":
-                raise UsageError(f"{path}: " + ("a folder, not a file" if problem is None else
-                                                problem.replace("folder", "file")))
-        if args.output:
-            check_output(args.output, "--output", folder=False)
-            out, run = Path(args.output).resolve(), Path(args.run_json).resolve()
-            if out.parent == run.parent and out.name.startswith((f"{run.stem}.", f"{run.stem}_")):
-                raise UsageError(f"--output {args.output} would replace a file of the run "
-                                 f"{run.stem} (its JSON, adapter, logs): name another file")
-            if args.input and out == Path(args.input).resolve():
-                raise UsageError(f"--output {args.output} would replace --input: name another "
-                                 f"file")
-        if args.text is None and not (args.input or args.save_merged or args.save_peft):
-            raise UsageError("give TEXT (and TEXT_B) or --input FILE to score, or --save-merged "
-                             "DIR or --save-peft DIR to export")
-        for i, text in enumerate(t for t in (args.text, args.text_b) if t is not None):
-            try:
-                text.encode()
-            except UnicodeEncodeError as e:  # bytes the terminal's encoding could not decode
-                raise UsageError(f"TEXT{'_B' * i} is not UTF-8 text (at character {e.start})") \
-                    from None
+        check_arguments(args)
         model, tokenizer, cfg = load_finetuned(args.run_json)
         exports = [(option, folder, export) for option, folder, export in (
             ("--save-peft", args.save_peft, export_peft),
@@ -238,12 +254,6 @@ def main(argv=None):
         for option, folder, _ in exports:  # both checked before either is written
             check_export(folder, option, cfg.run_name, args.overwrite,
                          (("logs", Path(args.run_json).parent), ("model", cfg.model)))
-        if len(exports) == 2:  # each replaces its folder whole: the other lost, or mixed in
-            peft, merged = Path(args.save_peft).resolve(), Path(args.save_merged).resolve()
-            if peft in (merged, *merged.parents) or merged in peft.parents:
-                raise UsageError(f"--save-peft {args.save_peft} and --save-merged "
-                                 f"{args.save_merged}: one is, or holds, the other; give two "
-                                 f"folders apart")
         for _, folder, export in exports:  # merging last: it changes the model
             export(model, folder, cfg.run_name, cfg.model)
         if args.input:

@@ -2981,12 +2981,18 @@ def test_save_peft_is_an_exact_lora_adapter_in_pefts_format(kind, request, finis
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 8
     with pytest.raises(SystemExit, match="holds files that are not an export of this run"):
         predict.main([str(finished_run[1]), "--save-peft", str(tmp_path / "peft")])
-    if kind == "ckpt":  # one folder for both, or one in the other: the second would replace it
-        for peft, merged in (("both", "both"), ("m/peft", "m"), ("p", "p/merged")):
-            assert refused(run_json, "--save-peft", tmp_path / peft, "--save-merged",
-                           tmp_path / merged, main=predict.main).endswith(
-                f"{tmp_path / merged}: one is, or holds, the other; give two folders apart")
+    if kind == "ckpt":  # one folder for both, one in the other, the predictions in one
+        for peft, merged, said in (("both", "both", "--save-peft {p} would hold --save-merged"),
+                                   ("m/peft", "m", "--save-merged {m} would hold --save-peft"),
+                                   ("p", "p/merged", "--save-peft {p} would hold --save-merged")):
+            assert said.format(p=tmp_path / peft, m=tmp_path / merged) in refused(
+                run_json, "--save-peft", tmp_path / peft, "--save-merged", tmp_path / merged,
+                main=predict.main)
             assert not (tmp_path / peft).exists() and not (tmp_path / merged).exists()
+        assert refused(run_json, "--input", run_json, "--output", tmp_path / "m" / "out.jsonl",
+                       "--save-merged", tmp_path / "m", main=predict.main).endswith(
+            f"--save-merged {tmp_path / 'm'} would hold --output {tmp_path / 'm' / 'out.jsonl'}, "
+            f"which this command writes too: give them places apart")
 
 
 def test_predict_caps_long_texts_before_encoding_them(finished_run):
