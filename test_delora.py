@@ -1060,7 +1060,7 @@ def test_cli_end_to_end_reproducible_its_files_and_one_formatted_result_line(
     monkeypatch.setattr(train, "epoch_order", order_spy)
     monkeypatch.setattr(train, "train_step", step_spy)
     s1, s2 = (train_tiny(ckpt, glue_dir, tmp_path / d, seed=7, epochs=2) for d in "ab")
-    s3 = train_tiny(ckpt, glue_dir, tmp_path / "c", seed=8, epochs=2)
+    s3 = train_tiny(ckpt, glue_dir, tmp_path / "c d", seed=8, epochs=2)
     assert seen[:2] == seen[2:4] != seen[4:] and seen[0] != seen[1]  # the seed's, each epoch new
     rng = np.random.RandomState(7)
     assert seen[:2] == [rng.permutation(40).tolist() for _ in range(2)]
@@ -1085,6 +1085,7 @@ def test_cli_end_to_end_reproducible_its_files_and_one_formatted_result_line(
     done = [line for line in out if line.startswith("done")]
     assert done[0] == f"done: best epoch {s1['best_epoch'] + 1}, test accuracy " \
                       f"{s1['test']['accuracy']:.4f}  {run_dir / name}.json"
+    assert done[2].endswith(f"  '{next((tmp_path / 'c d').rglob('*.json'))}'")  # one argument
     with pytest.raises(SystemExit, match=r"exists \(finished\); pass --overwrite"):
         train_tiny(ckpt, glue_dir, tmp_path / "a", seed=7, epochs=2)
 

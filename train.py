@@ -259,7 +259,7 @@ def train(cfg: TrainConfig):
                            f"epoch, no result", status="finished")
         if run.main:
             say(f"done: best epoch {best['epoch'] + 1}, test {metrics_text(best['test'])}  "
-                f"{run.paths['json']}")
+                f"{shlex.quote(str(run.paths['json']))}")  # as the next command takes it
     return save_merged(cfg, run)
 
 
