@@ -3049,12 +3049,12 @@ def test_bench_bad_input_is_one_line_before_anything_is_measured(args, message, 
                                                                   tmp_path, capsys):
     (glue_dir / "SST-2").mkdir()  # there: the files the padding table reads
     (glue_dir / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
+    out = tmp_path / "b.json"
     with pytest.raises(SystemExit) as e:
-        bench.main([a.format(tmp=tmp_path, glue=glue_dir) for a in args] + ["--out",
-                                                                            str(tmp_path / "b.json")])
+        bench.main([a.format(tmp=tmp_path, glue=glue_dir) for a in args] + ["--out", str(out)])
     said = (e.value.code if isinstance(e.value.code, str) else "") + capsys.readouterr().err
     assert message.format(tmp=tmp_path) in said and len(said.strip().splitlines()) == 1
-    assert not (tmp_path / "b.json").exists()
+    assert not out.exists()
 
 
 def test_bench_without_the_default_glue_files_measures_the_adapter_table_alone(
