@@ -23,6 +23,7 @@ from typing import NamedTuple
 from filelock import FileLock, Timeout
 
 ENDED = ("finished", "diverged")  # nothing left to train; "running", "interrupted", "failed": more
+STOPPED = "stopped (its JSON says running, but its process is gone)"  # and nobody holds its lock
 
 
 class UsageError(Exception):

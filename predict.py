@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cli import Parser, UsageError, check_output, command_line, not_a_folder, say, user_errors
-from cli import write_atomic
+from cli import STOPPED, Parser, UsageError, check_output, command_line, holder, not_a_folder
+from cli import say, user_errors, write_atomic
 from delora import adapters, load_adapter_state_dict
 from glue import compute_metrics, encode, get_task, label_of, read_tsv
 from roberta import check_max_length, checkpoint_key, load_tokenizer, read_safetensors
@@ -53,10 +53,12 @@ def load_finetuned(run_json):
         raise UsageError(f"{run_json} holds settings that are not train.py's") from None
     adapter = run_json.with_name(f"{summary['run_name']}_adapter.safetensors")
     done = f"{len(summary.get('epochs') or [])} of {cfg.epochs} epoch(s)"
+    status = summary.get("status")
+    if status == "running" and holder(run_json.with_suffix(".lock")) is None:
+        status = STOPPED
     if not adapter.is_file():
         raise UsageError(f"no adapter {adapter} beside {run_json}" + (
-            f" (the run is {summary.get('status')} after {done})" * (summary.get("status") !=
-                                                                        "finished")))
+            f" (the run is {status} after {done})" * (status != "finished")))
     try:
         state, metadata = read_safetensors(adapter)
         theirs = json.loads(metadata.get("config", "{}"))
@@ -66,9 +68,9 @@ def load_finetuned(run_json):
     if differ:
         raise UsageError(f"{adapter} is another run's adapter (its {', '.join(differ)} differ "
                          f"from {run_json}'s): copy that run's JSON with it, or train this one")
-    if summary.get("status") != "finished":
-        say(f"predict.py: note: {run_json} is {summary.get('status')} after {done}: its best "
-            f"adapter so far is used", err=True)
+    if status != "finished":
+        say(f"predict.py: note: {run_json} is {status} after {done}: its best adapter so far is "
+            f"used", err=True)
     spec = get_task(cfg.task)
     with user_errors():  # the model folder may have gone, or hold another model
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 
 # the task table and the shared file helpers: neither torch nor train.py is imported here
-from cli import ENDED, Parser, UsageError, check_output, command_line, holder, not_a_folder, say
-from cli import write_atomic
+from cli import ENDED, STOPPED, Parser, UsageError, check_output, command_line, holder, not_a_folder
+from cli import say, write_atomic
 from glue import TASKS
 
-STOPPED = "stopped (its JSON says running, but its process is gone)"
 PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x100, 5 seeds)
     "DeLoRA (paper)": (87.2, 94.1, 89.0, 63.6, 92.8, 90.1, 77.1, 90.9),
     "LoRA (paper)": (86.6, 93.9, 88.7, 59.7, 92.6, 90.4, 75.3, 90.3),

@@ -2867,6 +2867,10 @@ def test_predict_says_when_a_run_did_not_finish_and_uses_its_best_adapter_so_far
     out, err = capsys.readouterr()
     assert err == f"predict.py: note: {run_json} is interrupted after 1 of 1 epoch(s): its best " \
                   f"adapter so far is used\n" and json.loads(out)["task"] == "rte"
+    run_json.write_text(run_json.read_text().replace('"interrupted"', '"running"'))
+    predict.main([str(run_json), "A man eats.", "A man is eating."])  # nobody holds its lock
+    assert capsys.readouterr().err.startswith(f"predict.py: note: {run_json} is stopped (its "
+                                              f"JSON says running, but its process is gone) after")
     with pytest.raises(SystemExit) as e:
         predict.main(["--help"])
     assert e.value.code == 0 and "run_json" in capsys.readouterr().out
