@@ -145,6 +145,15 @@ def _load_local(task, root):
             folder / spec.dev_file)
 
 
+def read_text(path):
+    """A file's text, UTF-8 (a BOM dropped); else a ValueError naming the file and the byte."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position "
+                         f"{e.start})") from None
+
+
 def read_tsv(task, path, labels=True):
     """One classic GLUE TSV file -> Dataset with the hub's columns and label ids, rows in order.
     labels=False: a file without labels too (GLUE's test files), which gives no label column;
@@ -160,11 +169,7 @@ def read_tsv(task, path, labels=True):
     spec = TASKS[task]
     if not path.exists():  # a pipe is read too
         raise FileNotFoundError(f"missing file {path}")
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").split("\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position "
-                         f"{e.start})") from None
+    lines = read_text(path).replace("\r\n", "\n").split("\n")
     if lines[-1] == "":
         lines.pop()
     if not lines:

@@ -22,7 +22,7 @@ import numpy as np
 from cli import STOPPED, Parser, UsageError, check_output, command_line, holder, not_a_folder
 from cli import say, user_errors, write_atomic
 from delora import adapters, load_adapter_state_dict
-from glue import compute_metrics, encode, get_task, label_of, read_tsv
+from glue import compute_metrics, encode, get_task, label_of, read_text, read_tsv
 from roberta import check_max_length, checkpoint_key, load_tokenizer, read_safetensors
 from run import check_export, export_merged
 from train import TrainConfig, all_logits, build_model
@@ -114,7 +114,7 @@ def read_input(task, path):
         ds = read_tsv(task, path, labels=False)
         return [ds[k] for k in spec.text_keys], ds["label"] if "label" in ds.column_names else None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         try:
             rows.append(json.loads(line))
         except ValueError:

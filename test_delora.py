@@ -2926,6 +2926,9 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
     assert refused(run_json, "A man.", "A man eats.", "--output", tmp_path / "one.jsonl",
                    main=predict.main).endswith(f"--output {tmp_path / 'one.jsonl'} holds "
                                                f"--input's predictions: give --input FILE too")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"sentence1": "caf\xe9", "sentence2": "b"}\n')
+    assert refused(run_json, "--input", tmp_path / "latin.jsonl", main=predict.main).endswith(
+        "latin.jsonl is not UTF-8 text (byte 0xe9 at position 18)")
     (tmp_path / "bad.jsonl").write_text('{"sentence1": "A man."}\n')
     assert refused(run_json, "--input", tmp_path / "bad.jsonl", main=predict.main).endswith(
         "bad.jsonl, line 1: not a JSON object with sentence1, sentence2 as text")
