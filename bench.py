@@ -194,10 +194,16 @@ def random_batches(n, batch_size, seq_len):
                  rows=torch.arange(batch_size * seq_len)) for _ in range(n)]  # no padding
 
 
+@functools.cache
+def tokenizer(name):
+    """The tokenizer that measures lengths, loaded once: checked first, then used by each case."""
+    return roberta.load_tokenizer(name, max_length=256)
+
+
 def real_batches(task, args, batch_size, grouped):
     """The first batches of an epoch of the real training set, in the protocol's order (seed 0),
     and the padding fraction over the whole epoch."""
-    tok = roberta.load_tokenizer(args.tokenizer, max_length=256)
+    tok = tokenizer(args.tokenizer)
     ds = glue.read_tsv(task, Path(args.data) / glue.TASKS[task].folder / "train.tsv")
     enc = glue.encode(task, ds, tok, pad_id=1)  # roberta's pad id
     lengths = enc.lengths
@@ -296,7 +302,7 @@ def padding_data(args):
             args.tokenizer = "FacebookAI/roberta-base"
     if args.only != "adapters":
         with cli.user_errors():
-            roberta.load_tokenizer(args.tokenizer)
+            tokenizer(args.tokenizer)
 
 
 def measure(args, device):

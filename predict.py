@@ -197,9 +197,9 @@ def check_arguments(args):
     if args.output and not args.input:  # TEXT's prediction is printed: nothing would go there
         raise UsageError(f"--output {args.output} holds --input's predictions: give --input "
                          f"FILE too")
-    for path in (args.run_json, args.input):  # a file, or a pipe: --input <(head dev.tsv)
-        problem = path is not None and not_a_folder(path)  # what is there, in words
-        if path is not None and problem != "a file, not a folder":
+    for path in (p for p in (args.run_json, args.input) if p is not None):
+        problem = not_a_folder(path)  # what is there, in words: a file, or a pipe (<(head ...))
+        if problem != "a file, not a folder":
             raise UsageError(f"{path}: " + ("a folder, not a file" if problem is None else
                                             problem.replace("folder", "file")))
     if args.output:

@@ -2895,6 +2895,8 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
     assert metrics == s["test"] and json.loads(lines[-1]) == dict(metrics=s["test"],
                                                                   examples=len(rows))
     assert [json.loads(line)["prediction"] for line in lines[:-1]] == preds
+    assert len(preds) == len(rows) and set(json.loads(lines[0])) == {"index", "prediction",
+                                                                     "probabilities"}
     pipe = tmp_path / "pipe"  # what --input <(head dev.tsv) gives: read as the file is
     os.mkfifo(pipe)
     threading.Thread(target=pipe.write_text, args=((tmp_path / "test.tsv").read_text(),),
@@ -2903,8 +2905,6 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
     assert refused(run_json, "--input", os.devnull, main=predict.main).endswith(
         f"{os.devnull} is empty")
     capsys.readouterr()
-    assert len(preds) == len(rows) and set(json.loads(lines[0])) == {"index", "prediction",
-                                                                     "probabilities"}
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(dict(sentence1=a, sentence2=b)) +
                                                   "\n" for a, b in zip(test_ds["sentence1"],
                                                                        test_ds["sentence2"])))
