@@ -12,6 +12,7 @@
     labels, probs = predict_texts(model, tokenizer, cfg.task, ["A man eats."], ["A man eats."])
 """
 import json
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -72,7 +73,10 @@ def load_finetuned(run_json):
         say(f"predict.py: note: {run_json} is {status} after {done}: its best adapter so far is "
             f"used", err=True)
     spec = get_task(cfg.task)
-    with user_errors():  # the model folder may have gone, or hold another model
+    if os.path.isabs(cfg.model) and not_a_folder(cfg.model):  # a local checkpoint, gone since
+        raise UsageError(f"{run_json} was trained on {cfg.model}, {not_a_folder(cfg.model)} "
+                         f"now: its adapter needs that checkpoint there")
+    with user_errors():  # the model folder may hold another model
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)
         model = build_model(cfg, spec.num_labels)
         check_max_length(cfg.max_length, tokenizer, model.config, len(spec.text_keys) == 2)

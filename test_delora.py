@@ -1257,7 +1257,7 @@ def test_under_bf16_the_frozen_weights_are_cast_once_to_the_values_autocast_woul
     (["rte", "1", "--bogus"], "unrecognized arguments: --bogus"),
     (["rte", "1", "--data", "/no/such/dir"], "--data /no/such/dir: no such folder"),
     (["rte", "1", "--model", "/no/such/model"], "/no/such/model is not a directory"),
-    (["rte", "1", "--data", "."], "no rte data under .: looked for dataset_dict.json"),
+    (["rte", "1", "--data", "."], f"no rte data under {Path.cwd()}: looked for dataset_dict.json"),
     (["rte", "1", "--epochs", "0"], "--epochs must be >= 1"),
     (["rte", "1", "--lr", "-1"], "--lr must be > 0, got -1"),
     (["rte", "1", "--lr", "0"], "--lr must be > 0, got 0"),
@@ -2812,7 +2812,7 @@ def copy_run(src, folder):
     ("adapter: truncated", "{adapter} is damaged: "),
     ("adapter: another rank's", "{adapter} is another run's adapter (its r differ from"),
     ("adapter: another seed's", "{adapter} is another run's adapter (its seed differ from"),
-    ("model: gone", "is not a directory"),
+    ("model: gone", "{json} was trained on {folder}/gone, no such folder now: its adapter needs"),
     ("one text for a pair task", "rte scores a sentence pair: give TEXT and TEXT_B"),
     ("no text", "give TEXT (and TEXT_B) or --input FILE to score, or --save-merged DIR or "
                 "--save-peft DIR to export"),
@@ -2932,6 +2932,23 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
     (tmp_path / "bad.jsonl").write_text('{"sentence1": "A man."}\n')
     assert refused(run_json, "--input", tmp_path / "bad.jsonl", main=predict.main).endswith(
         "bad.jsonl, line 1: not a JSON object with sentence1, sentence2 as text")
+
+
+def test_a_run_given_relative_folders_is_used_from_any_folder(ckpt, tmp_path, monkeypatch):
+    """Its JSON names a local model and data by their absolute paths: predict.py and the
+    resume line work from another folder than the one it was trained in."""
+    write_rte(tmp_path / "glue")
+    shutil.copytree(ckpt, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    s = train_tiny("model", "glue", "logs")
+    assert s["settings"]["model"] == str(Path.cwd() / "model")
+    assert s["settings"]["data"] == str(Path.cwd() / "glue")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_json = next(tmp_path.rglob(f"{s['run_name']}.json"))
+    predict.load_finetuned(run_json)
+    resumed = run_cli(*shlex.split(s["command"])[2:], "--out-dir", tmp_path / "logs", "--resume")
+    assert resumed["epochs"] == s["epochs"]                  # found, and already finished
 
 
 def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):

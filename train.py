@@ -88,7 +88,8 @@ class TrainConfig:
     task: str = setting(help=f"GLUE task: {', '.join(TASKS)}")
     seed: int = setting(help="random seed: initialization, data order and split (paper: 42-46)")
     model: str = setting("FacebookAI/roberta-base", "hub id or local checkpoint directory")
-    data: str | None = setting(None, "local GLUE folder, TSV or save_to_disk (default: hub)")
+    data: str | None = setting(None, "local GLUE TSV folder (the root or the task's), or "
+                                          "a save_to_disk folder (default: hub)")
     method: str = setting("delora", "delora, or lora (the baseline)", choices=("delora", "lora"))
     r: int = setting(8, "rank, on query and value of every layer (--adapter-rank: under "
                         "torchrun, which takes --r)", flags=("--r", "--adapter-rank"))
@@ -133,6 +134,11 @@ class TrainConfig:
         for name in PATHS:  # ~ is the home folder in every path option alike
             if isinstance(getattr(self, name), str):
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
+        # A local model or data folder by its absolute path: the run's JSON and its resume line
+        # name them for predict.py and --resume run from any folder (a hub id stays as it is).
+        for name in ("model", "data"):
+            if getattr(self, name) and os.path.isdir(getattr(self, name)):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
         check(self)
 
     def changed(self, numbers_only=False):
