@@ -87,7 +87,8 @@ def load_glue(task, seed, data=None):
     either a `save_to_disk` folder or the classic GLUE TSV files; DIR may be the root holding
     one folder per task (rte/ or RTE/) or the task's own folder. Data a run cannot use (no
     examples, a label outside the task's label set, a split that leaves no validation or test
-    example) is a ValueError that names the file (and line) and the value.
+    example, a copy that names another task) is a ValueError that names the file (and line)
+    and the value.
     """
     spec = get_task(task)
     if data is None:
@@ -131,6 +132,7 @@ def _load_local(task, root):
     """(train, dev, the dev split's name) from a save_to_disk folder or the TSV files."""
     spec = TASKS[task]
     kind, folder, _ = local_files(task, root)
+    _not_another_task(task, folder, "folder's name")
     if kind == "save_to_disk":
         import datasets
         d = datasets.load_from_disk(str(folder))
@@ -138,11 +140,24 @@ def _load_local(task, root):
             if split not in d:
                 raise FileNotFoundError(f"{folder} (save_to_disk) has no split {split!r}; "
                                         f"it has {list(d)}")
+        _not_another_task(task, folder, "save_to_disk info", d["train"].info.config_name)
         return (_checked(spec, d["train"], f"{folder} train"),
                 _checked(spec, d[spec.val_split], f"{folder} {spec.val_split}"),
                 f"{folder} {spec.val_split}")
     return (read_tsv(task, folder / "train.tsv"), read_tsv(task, folder / spec.dev_file),
             folder / spec.dev_file)
+
+
+def _not_another_task(task, folder, what, name=None):
+    """A local copy that names another GLUE task, by its folder's name (SST-2/ given for cola)
+    or by the config its save_to_disk info records (sst2), is a ValueError: the columns alone
+    cannot tell (CoLA's and SST-2's are alike in the hub's names; RTE's, MRPC's and STS-B's on
+    the hub), and the run would train on the other task's data."""
+    name = (folder.name if name is None else name or "").lower()
+    other = next((k for k, t in TASKS.items() if name in (k, t.folder.lower())), task)
+    if other != task:
+        raise ValueError(f"{folder} holds {other}'s data (by its {what}), not {task}'s: pass the "
+                         f"GLUE folder holding {TASKS[task].folder}/, or that folder")
 
 
 def read_text(path):

@@ -1497,6 +1497,21 @@ def test_a_save_to_disk_folder_is_read_and_its_columns_checked(tmp_path):
         with pytest.raises(ValueError, match=message) as e:
             glue.load_glue("sst2", 42, tmp_path)
         assert str(tmp_path / "sst2") in str(e.value)       # the folder named
+    # a copy that names another task: its columns fit (CoLA's are SST-2's), its name does not
+    (tmp_path / "SST-2").mkdir()
+    for split in ("train", "dev"):
+        (tmp_path / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\na b\t0\nc d\t1\n")
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'SST-2'} holds sst2's data (by its folder's name), not cola's")):
+        glue.load_glue("cola", 42, tmp_path / "SST-2")
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"sentence": ["a b"] * 4, "label": [0, 1] * 2}, info=datasets.DatasetInfo(
+            config_name="sst2")) for split in ("train", "validation")}).save_to_disk(
+        str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=re.escape("saved holds sst2's data (by its "
+                                                   "save_to_disk info), not cola's")):
+        glue.load_glue("cola", 42, tmp_path / "saved")
+    assert len(glue.load_glue("sst2", 42, tmp_path / "saved")[0]) == 4
 
 
 @pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/glue not present")
