@@ -204,7 +204,8 @@ def say(text="", err=False, end="\n", everywhere=False):
 def write_atomic(path, data):
     """Write bytes (or str, as UTF-8) -- or a folder: data(tmp) writes it -- under a temporary
     name of this process beside path, then rename it over path: readers see the old version or
-    the new one, never a part (a link stays; the file or folder it names is replaced). A device
+    the new one, never a part (a link stays; the file or folder it names is replaced). A file's
+    bytes are on the disk (fsync) before the rename, for a machine that goes down. A device
     or a pipe is written into, never replaced (`special`). A failed write removes the
     temporary, keeps the old version and is a RunError saying so; what a killed earlier write
     of the folder left is undone first (`remove_stale`)."""
@@ -230,6 +231,8 @@ def write_atomic(path, data):
         else:
             with open(tmp, "wb") as f:  # mode 0666 & ~umask, like any other file
                 f.write(data)
+                f.flush()  # on the disk before the rename: a machine that goes down leaves
+                os.fsync(f.fileno())  # the old version or the new one, never an empty file
         os.replace(tmp, path)
     except BaseException as e:
         _remove(tmp)

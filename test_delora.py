@@ -2147,9 +2147,13 @@ def test_files_are_replaced_atomically_under_unique_names_and_stale_temps_remove
     assert os.listdir(path.parent) == ["run.json"]                 # no temporary file left
     monkeypatch.setattr(os, "replace", lambda src, dst: names.append(Path(src).name) or
                         real_replace(src, dst))
+    synced = []  # what is on the disk when the rename comes: all of it (fsync'd after a flush)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(
+        next(path.parent.glob(".run.json.*.tmp")).read_bytes()))
     cli.write_atomic(path, '{"status": "finished"}')
     assert json.loads(path.read_text()) == {"status": "finished"}
     assert str(os.getpid()) in names[0] and names[0] != "run.json"
+    assert synced == [b'{"status": "finished"}']
     monkeypatch.undo()
     for left in ("old", "tmp"):  # an export killed between its renames: old moved aside, new half
         (tmp_path / f".export.123.{left}").mkdir()
