@@ -30,20 +30,28 @@ PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x1
 
 def load_runs(out_dir):
     """Every run summary under out_dir. A file that is not one -- not JSON, or not what
-    train.py writes (a key or a metric missing) -- is skipped with one warning naming it. A run
-    whose JSON still says `running` while nobody holds its lock is `stopped`: its process is
-    gone (killed, or its machine)."""
+    train.py writes (a key missing, a metric or setting that is not a number) -- is skipped
+    with one warning naming it. A run whose JSON still says `running` while nobody holds its
+    lock is `stopped`: its process is gone (killed, or its machine)."""
     runs = []
     for path in sorted(Path(out_dir).rglob("*.json")):
         try:
             s = json.loads(path.read_text())
-            task, method, metric = s["settings"]["task"], s["settings"]["method"], s["metric"]
-            if task not in TASKS or method not in ("delora", "lora") or s["status"] is None or \
-                    s["model_tag"] is None or any(metric not in e["val"] for e in s["epochs"]):
-                raise ValueError(f"task {task!r}, method {method!r}, status {s['status']!r}, "
-                                 f"every epoch's 'val' with {metric!r}")
+            settings, epochs = s["settings"], s["epochs"]
+            task, method, metric = settings["task"], settings["method"], s["metric"]
+            lam = [settings["lam"]] if method == "delora" else []
+            tested = [s["test"][metric]] if s["test"] else []
+            # what the tables and figures compute with
+            numbers = [settings["lr_mult"], settings["epochs"], *lam, *tested,
+                       *(e["epoch"] for e in epochs), *(e["val"][metric] for e in epochs)]
+            texts = [s["status"], s["model_tag"]]
+            if task not in TASKS or method not in ("delora", "lora") or \
+                    not isinstance(s["overrides"], dict) or \
+                    not all(isinstance(v, str) for v in texts) or \
+                    not all(isinstance(v, (int, float)) for v in numbers):
+                raise ValueError(f"task {task!r}, method {method!r}; status and model tag as "
+                                 f"text, overrides, numbers where train.py writes them")
             run = dict(s, path=str(path))
-            result(run)  # its test metric, if it has one
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             say(f"report.py: warning: skipped {path}: not a run summary ({type(e).__name__}: "
                 f"{e})", err=True)

@@ -2703,14 +2703,17 @@ def test_report_skips_what_is_not_a_run_naming_it(tmp_path, capsys):
     (tmp_path / "bench.json").write_text(json.dumps({"hardware": "cpu"}))    # not a run
     (tmp_path / "list.json").write_text("[1, 2]")
     for name, change in (("alien", lambda s: s["settings"].update(task="wnli")),  # not ours
-                         ("edited", lambda s: s.update(test={"f1": 0.5}))):  # not its metric
+                         ("edited", lambda s: s.update(test={"f1": 0.5})),  # not its metric
+                         ("older", lambda s: s.pop("overrides")),           # a key missing
+                         ("typed", lambda s: s.update(test={"accuracy": "0.5"}))):  # text
         s = json.loads(fake_run(tmp_path, "rte", 43, 0.5).read_text())
         change(s)
         (tmp_path / f"{name}.json").write_text(json.dumps(s))
     text, data = report.report(report.load_runs(tmp_path))
     err = capsys.readouterr().err
-    assert "| 60.0 ± 14.1 (2) |" in text and err.count("report.py: warning: skipped ") == 5
-    for name in ("broken.json", "bench.json", "list.json", "alien.json", "edited.json"):
+    assert "| 60.0 ± 14.1 (2) |" in text and err.count("report.py: warning: skipped ") == 7
+    for name in ("broken.json", "bench.json", "list.json", "alien.json", "edited.json",
+                 "older.json", "typed.json"):
         assert f"{name}: not a run summary (" in err
     assert "KeyError: 'accuracy'" in err and len(data["no_result"]) == 1
 
