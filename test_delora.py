@@ -1642,6 +1642,14 @@ def test_one_experiment_one_name_models_and_data_told_apart_by_their_files(ckpt,
     assert len(list((tmp_path / "logs").rglob("*.json"))) == 3   # three experiments, three runs
     with pytest.raises(SystemExit, match=r"exists \(finished\); pass --overwrite"):  # the same
         train_tiny(copy, shutil.copytree(glue_dir, tmp_path / "same"), tmp_path / "logs")
+    if os.access("/", os.W_OK):  # a model in a folder at the root (/model, in a container)
+        top = Path(shutil.copytree(ckpt, f"/delora-test-{os.getpid()}"))
+        try:
+            cfg = train.TrainConfig("rte", 1, model=str(top), out_dir=str(tmp_path / "logs"))
+            assert run.run_paths(cfg)["json"].parents[2] == tmp_path / "logs"  # not at /
+            assert run.checkpoint_tag(top) == f"{top.name}-{tags[0].rsplit('-', 1)[1]}"
+        finally:
+            shutil.rmtree(top)
 
 
 # =============================================================================================
