@@ -132,7 +132,7 @@ def _load_local(task, root):
     """(train, dev, the dev split's name) from a save_to_disk folder or the TSV files."""
     spec = TASKS[task]
     kind, folder, _ = local_files(task, root)
-    _not_another_task(task, folder, "folder's name")
+    _not_another_task(task, folder, folder.name, "folder's name")
     if kind == "save_to_disk":
         import datasets
         d = datasets.load_from_disk(str(folder))
@@ -140,7 +140,7 @@ def _load_local(task, root):
             if split not in d:
                 raise FileNotFoundError(f"{folder} (save_to_disk) has no split {split!r}; "
                                         f"it has {list(d)}")
-        _not_another_task(task, folder, "save_to_disk info", d["train"].info.config_name)
+        _not_another_task(task, folder, d["train"].info.config_name, "save_to_disk info")
         return (_checked(spec, d["train"], f"{folder} train"),
                 _checked(spec, d[spec.val_split], f"{folder} {spec.val_split}"),
                 f"{folder} {spec.val_split}")
@@ -148,12 +148,12 @@ def _load_local(task, root):
             folder / spec.dev_file)
 
 
-def _not_another_task(task, folder, what, name=None):
+def _not_another_task(task, folder, name, what):
     """A local copy that names another GLUE task, by its folder's name (SST-2/ given for cola)
     or by the config its save_to_disk info records (sst2), is a ValueError: the columns alone
     cannot tell (CoLA's and SST-2's are alike in the hub's names; RTE's, MRPC's and STS-B's on
     the hub), and the run would train on the other task's data."""
-    name = (folder.name if name is None else name or "").lower()
+    name = (name or "").lower()  # a save_to_disk copy made from_dict has no config name
     other = next((k for k, t in TASKS.items() if name in (k, t.folder.lower())), task)
     if other != task:
         raise ValueError(f"{folder} holds {other}'s data (by its {what}), not {task}'s: pass the "
