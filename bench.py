@@ -263,21 +263,26 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be " + (f"in [{least}, {most}]" if most
                                                                 else f">= {least}")
                     + f", got {value}")
-    if args.count_ops:
-        rows = {c: count_ops(c, args.bf16) for c in ("a_head_only", "b_lora", "c_delora")}
-        print("| configuration | forward | backward | optimizer | step | over LoRA |\n"
-              "|---|---|---|---|---|---|")
-        for c, r in rows.items():
-            print(f"| {CONFIGS[c]} | {r['forward']} | {r['backward']} | {r['optimizer']} | "
-                  f"{r['step']} | {r['step'] - rows['b_lora']['step']:+d} |")
-        return rows
     with cli.command_line("bench.py"):  # a place we cannot write: one line, before measuring
+        if args.count_ops:
+            return print_op_counts(args.bf16)
         cli.check_output(args.out, "--out", folder=False)
         padding_data(args)
         with cli.user_errors():  # a device that is not here, or no device at all
             device = run.Dist().start(args.device)
         with run.backends(device, args.compile):  # as a run has them
             return measure(args, device)
+
+
+def print_op_counts(bf16):
+    """--count-ops: the table of `count_ops` per configuration; returns its rows."""
+    rows = {c: count_ops(c, bf16) for c in ("a_head_only", "b_lora", "c_delora")}
+    print("| configuration | forward | backward | optimizer | step | over LoRA |\n"
+          "|---|---|---|---|---|---|")
+    for c, r in rows.items():
+        print(f"| {CONFIGS[c]} | {r['forward']} | {r['backward']} | {r['optimizer']} | "
+              f"{r['step']} | {r['step'] - rows['b_lora']['step']:+d} |")
+    return rows
 
 
 def padding_data(args):

@@ -3111,6 +3111,13 @@ def test_bench_bad_input_is_one_line_before_anything_is_measured(args, message, 
     assert not out.exists()
 
 
+def test_bench_count_ops_stopped_by_ctrl_c_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "count_ops", lambda *a: fail(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--count-ops"])
+    assert e.value.code == 130 and capsys.readouterr().err == "bench.py: stopped at once (Ctrl-C)\n"
+
+
 def test_bench_without_the_default_glue_files_measures_the_adapter_table_alone(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(glue, "LOCAL_GLUE", tmp_path)
