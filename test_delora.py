@@ -2690,18 +2690,25 @@ def test_report_cells_diverged_runs_at_their_best_epoch_and_the_robustness_table
 
 
 def test_report_names_models_and_data_by_name_and_by_tag_only_to_tell_them_apart(tmp_path):
-    for seed, tag in ((42, "1a2b3c4d"), (43, "1a2b3c4d"), (44, "99999999")):
-        path = fake_run(tmp_path / ("a" if seed < 44 else "b"), "rte", seed, 0.7)
+    def fake(root, task, seed, model_tag, data_tag):
+        path = fake_run(root, task, seed, 0.7)
         s = json.loads(path.read_text())
-        s.update(model_tag=f"final_model-{tag}", data_tag="data5e6f7a8b")
+        s.update(model_tag=f"final_model-{model_tag}", data_tag=f"data{data_tag}")
         s["settings"]["data"] = "/somewhere/glue"
         path.write_text(json.dumps(s))
 
     def names(root):
         return {r["name"] for r in report.report(report.load_runs(root))[1]["rows"]}
-    assert names(tmp_path / "a") == {"final_model delora (data=glue)"}
-    assert names(tmp_path) == {"final_model (final_model-1a2b3c4d) delora (data=glue)",
-                               "final_model (final_model-99999999) delora (data=glue)"}
+    for seed, tag in ((42, "1a2b3c4d"), (43, "1a2b3c4d"), (44, "99999999")):
+        fake(tmp_path / "m" / ("a" if seed < 44 else "b"), "rte", seed, tag, "5e6f7a8b")
+    fake(tmp_path / "m" / "a", "stsb", 42, "1a2b3c4d", "0c0c0c0c")  # one GLUE folder: a tag a task
+    assert names(tmp_path / "m" / "a") == {"final_model delora (data=glue)"}  # one row, 2 tasks
+    assert names(tmp_path / "m") == {"final_model (final_model-1a2b3c4d) delora (data=glue)",
+                                     "final_model (final_model-99999999) delora (data=glue)"}
+    for seed, tag in ((42, "5e6f7a8b"), (43, "0d0d0d0d")):            # two RTE copies called glue
+        fake(tmp_path / "d", "rte", seed, "1a2b3c4d", tag)
+    assert names(tmp_path / "d") == {"final_model delora (data=glue (data5e6f7a8b))",
+                                     "final_model delora (data=glue (data0d0d0d0d))"}
 
 
 def test_report_skips_what_is_not_a_run_naming_it(tmp_path, capsys):
