@@ -122,10 +122,20 @@ def run_name(cfg):
         f"_{data_tag(cfg)}" * (cfg.data is not None), f"_seed{cfg.seed}"])
 
 
+def model_folder(cfg):
+    """OUT_DIR/CHECKPOINT_TAG, the folder of the runs on a model; for a local checkpoint the
+    folder of earlier runs on the same files wherever they lay (its content tag decides), so
+    that a copy elsewhere (a job's own scratch folder) continues the same runs."""
+    tag = checkpoint_tag(cfg.model)
+    earlier = sorted(Path(cfg.out_dir).glob(f"*-{tag.rsplit('-', 1)[1]}")) if \
+        Path(cfg.model).is_dir() else []
+    return next((d for d in earlier if d.is_dir()), Path(cfg.out_dir) / tag)
+
+
 def run_paths(cfg):
     """OUT_DIR/CHECKPOINT_TAG/TASK/<run>{.txt, _TEST.txt, .json, _adapter.safetensors,
-    _checkpoint.pt, .lock}."""
-    d, n = Path(cfg.out_dir) / checkpoint_tag(cfg.model) / cfg.task, run_name(cfg)
+    _checkpoint.pt, .lock} (`model_folder`)."""
+    d, n = model_folder(cfg) / cfg.task, run_name(cfg)
     return dict(log=d / f"{n}.txt", test=d / f"{n}_TEST.txt", json=d / f"{n}.json",
                 adapter=d / f"{n}_adapter.safetensors", checkpoint=d / f"{n}_checkpoint.pt",
                 lock=d / f"{n}.lock")
@@ -361,7 +371,8 @@ class RunFiles:
         return dict(task=cfg.task, seed=cfg.seed, status="running", settings=asdict(cfg),
                     overrides=cfg.overrides(), run_name=run_name(cfg),
                     command=self.command(resume=False),  # what starts it
-                    model_tag=checkpoint_tag(cfg.model), data_tag=data_tag(cfg) or None,
+                    model_tag=self.paths["json"].parents[1].name,  # the model's folder
+                    data_tag=data_tag(cfg) or None,
                     metric=get_task(cfg.task).metrics[0], params=count_parameters(self.model),
                     device=str(self.device), tf32=tf32, processes=self.dist.world,
                     torch=torch.__version__, host=platform.node(), epochs=[], best_epoch=None,

@@ -1642,6 +1642,11 @@ def test_one_experiment_one_name_models_and_data_told_apart_by_their_files(ckpt,
     assert len(list((tmp_path / "logs").rglob("*.json"))) == 3   # three experiments, three runs
     with pytest.raises(SystemExit, match=r"exists \(finished\); pass --overwrite"):  # the same
         train_tiny(copy, shutil.copytree(glue_dir, tmp_path / "same"), tmp_path / "logs")
+    scratch = shutil.copytree(a, tmp_path / "job2" / "roberta")   # a folder of another name too
+    with pytest.raises(SystemExit, match=r"final_model-[0-9a-f]{8}/rte/.* exists \(finished\)"):
+        train_tiny(scratch, glue_dir, tmp_path / "logs")
+    s = train_tiny(scratch, glue_dir, tmp_path / "logs", seed=1)  # a new run: beside the others
+    assert s["model_tag"] == tags[0] and len(list((tmp_path / "logs").iterdir())) == 2
     if os.access("/", os.W_OK):  # a model in a folder at the root (/model, in a container)
         top = Path(shutil.copytree(ckpt, f"/delora-test-{os.getpid()}"))
         try:
