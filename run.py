@@ -407,7 +407,8 @@ class RunFiles:
         self.checkpointed = self.progress.step
 
     def restore(self):
-        """The checkpoint, checked (damage, processes), put back; the protocol's best too."""
+        """The checkpoint, checked (damage, processes), put back; the protocol's best too. The
+        JSON names the model and data where they lie now, and the command with them."""
         path, state = self.paths["checkpoint"], read_checkpoint(self.paths["checkpoint"])
         if state is None:
             raise UsageError(f"{path} is damaged: it cannot be read, or its contents do not match "
@@ -425,8 +426,11 @@ class RunFiles:
         rng_state(self.device, restore=state["rng"][self.dist.rank])
         s = self.summary = json.loads(state["summary"])
         s.pop("error", None)
+        # the model and data where they lie now (a copy of the same files: `model_folder`)
+        s["settings"].update(model=self.cfg.model, data=self.cfg.data)
         s.update(status="running", resumed=s.get("resumed", 0) + 1, device=str(self.device),
-                 resumed_on=s.get("resumed_on", []) + [str(self.device)])
+                 resumed_on=s.get("resumed_on", []) + [str(self.device)],
+                 command=self.command(resume=False))
         self.best.update(score=s["val"][s["metric"]] if s["val"] else -math.inf,
                          epoch=s["best_epoch"], val=s["val"], test=s["test"],
                          adapter=state["best_state"])

@@ -1974,10 +1974,12 @@ def test_export_merged_round_trip_and_reference_names(kind, request, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupted, tmp_path):
-    """Killed mid-epoch 1, before step 8: the last checkpoint is step 6's. (Resumed from an
-    epoch's end: the full-disk cases; with bf16 autocast: the SIGHUP case.)"""
+    """Killed mid-epoch 1, before step 8: the last checkpoint is step 6's; resumed by a job with
+    its own copy of the model (its JSON then names that copy). (Resumed from an epoch's end:
+    the full-disk cases; with bf16 autocast: the SIGHUP case.)"""
     glue_dir, reference = uninterrupted
-    argv = resumable(ckpt, glue_dir, tmp_path)
+    job1, job2 = (shutil.copytree(ckpt, tmp_path / job / "roberta") for job in ("job1", "job2"))
+    argv = resumable(job1, glue_dir, tmp_path / "logs")
     assert killed_at(argv, 8).returncode == -signal.SIGKILL
     s = summary_in(tmp_path)                                  # valid JSON, still "running"
     assert s["status"] == "running" and len(s["epochs"]) == 1
@@ -1990,9 +1992,11 @@ def test_a_killed_run_resumed_ends_exactly_where_it_would_have(ckpt, uninterrupt
                      r"resume it with python train.py rte 3 .*--resume, or pass --overwrite",
                      refused(*argv))
     assert not leftovers(tmp_path)                            # refused, it let go of the lock
-    resumed = run_cli(*argv, "--resume")
+    shutil.rmtree(job1)
+    resumed = run_cli(*resumable(job2, glue_dir, tmp_path / "logs"), "--resume")
     assert resumed["resumed"] == 1 and resumed["resumed_on"] == ["cpu"]
-    assert same_outcome(outcome(tmp_path), reference())       # ==, not approximately
+    assert resumed["settings"]["model"] == str(job2) and str(job2) in resumed["command"]
+    assert same_outcome(outcome(tmp_path / "logs"), reference())  # ==, not approximately
     assert not list(tmp_path.rglob("*_checkpoint.pt"))        # deleted once finished
 
 
