@@ -13,6 +13,7 @@
 """
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ from cli import say, user_errors, write_atomic
 from delora import adapters, load_adapter_state_dict
 from glue import compute_metrics, encode, get_task, label_of, read_text, read_tsv
 from roberta import check_max_length, checkpoint_key, load_tokenizer, read_safetensors
-from run import check_export, export_merged
+from run import check_export, checkpoint_tag, export_merged
 from train import TrainConfig, all_logits, build_model
 
 SAME = ("task", "seed", "method", "r", "lam", "alpha", "dropout", "max_length", "lr", "lam_lr",
@@ -33,13 +34,14 @@ SAME = ("task", "seed", "method", "r", "lam", "alpha", "dropout", "max_length", 
 CAP = 20  # characters of a text kept per token of --max-length (`predict_texts`)
 
 
-def load_finetuned(run_json):
+def load_finetuned(run_json, model=None):
     """A run's JSON -> (model, tokenizer, cfg): the pretrained checkpoint with the run's best
     adapter and head (train.build_model), in eval mode, on the CPU; cfg: the run's settings
-    and its run_name.
-    A file that cannot serve (not a run's JSON, a damaged adapter, another run's adapter) is a
-    UsageError naming it; a run that did not finish is said on stderr (its best adapter so far
-    is used)."""
+    and its run_name. model: the checkpoint, where it lies now if not where the run had it (a
+    local run's: the same files, checked by their content tag).
+    A file that cannot serve (not a run's JSON, a damaged adapter, another run's adapter, a
+    model of other files) is a UsageError naming it; a run that did not finish is said on
+    stderr (its best adapter so far is used)."""
     run_json = Path(run_json)
     try:
         summary = json.loads(run_json.read_bytes())
@@ -48,8 +50,10 @@ def load_finetuned(run_json):
     if not (isinstance(summary, dict) and {"settings", "run_name"} <= set(summary)):
         raise UsageError(f"{run_json} is not a run summary (what train.py writes as <run>.json)")
     s, known = summary["settings"], {f.name for f in fields(TrainConfig)}
+    settings = {k: v for k, v in s.items() if k in known}
+    settings.update({"model": model} if model else {})
     try:
-        cfg = TrainConfig(**{k: v for k, v in s.items() if k in known})
+        cfg = TrainConfig(**settings)
     except (TypeError, ValueError, AttributeError):
         raise UsageError(f"{run_json} holds settings that are not train.py's") from None
     adapter = run_json.with_name(f"{summary['run_name']}_adapter.safetensors")
@@ -73,9 +77,15 @@ def load_finetuned(run_json):
         say(f"predict.py: note: {run_json} is {status} after {done}: its best adapter so far is "
             f"used", err=True)
     spec = get_task(cfg.task)
-    if os.path.isabs(cfg.model) and not_a_folder(cfg.model):  # a local checkpoint, gone since
-        raise UsageError(f"{run_json} was trained on {cfg.model}, {not_a_folder(cfg.model)} "
-                         f"now: its adapter needs that checkpoint there")
+    problem = os.path.isabs(cfg.model) and not_a_folder(cfg.model)  # a local one, gone since
+    if problem:
+        raise UsageError(f"--model {model}: {problem}" if model else f"{run_json} was trained "
+                         f"on {cfg.model}, {problem} now: give --model DIR, a copy of it")
+    tag = str(summary.get("model_tag")).rsplit("-", 1)[-1]  # a local checkpoint's: its files'
+    if model and re.fullmatch("[0-9a-f]{8}", tag) and os.path.isdir(cfg.model) and \
+            checkpoint_tag(cfg.model).rsplit("-", 1)[-1] != tag:
+        raise UsageError(f"--model {model} holds other files than the checkpoint the run was "
+                         f"trained on ({summary['model_tag']})")
     with user_errors():  # the model folder may hold another model
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)
         model = build_model(cfg, spec.num_labels)
@@ -249,11 +259,13 @@ def main(argv=None):
                    "HF checkpoint into DIR")
     p.add_argument("--save-peft", metavar="DIR", help="write the adapters and the head as an exact "
                    "PEFT LoRA adapter into DIR")
+    p.add_argument("--model", metavar="DIR", help="the pretrained checkpoint, where the run's "
+                   "is no longer (the same files: checked)")
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with command_line("predict.py"), user_errors():
         check_arguments(args)
-        model, tokenizer, cfg = load_finetuned(args.run_json)
+        model, tokenizer, cfg = load_finetuned(args.run_json, args.model)
         exports = [(option, folder, export) for option, folder, export in (
             ("--save-peft", args.save_peft, export_peft),
             ("--save-merged", args.save_merged, export_merged)) if folder]

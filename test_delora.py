@@ -2858,7 +2858,7 @@ def copy_run(src, folder):
     ("adapter: truncated", "{adapter} is damaged: "),
     ("adapter: another rank's", "{adapter} is another run's adapter (its r differ from"),
     ("adapter: another seed's", "{adapter} is another run's adapter (its seed differ from"),
-    ("model: gone", "{json} was trained on {folder}/gone, no such folder now: its adapter needs"),
+    ("model: gone", "{json} was trained on {folder}/gone, no such folder now: give --model DIR"),
     ("one text for a pair task", "rte scores a sentence pair: give TEXT and TEXT_B"),
     ("no text", "give TEXT (and TEXT_B) or --input FILE to score, or --save-merged DIR or "
                 "--save-peft DIR to export"),
@@ -2982,7 +2982,8 @@ def test_predict_scores_a_whole_file_and_with_labels_gives_the_runs_own_test_met
 
 def test_a_run_given_relative_folders_is_used_from_any_folder(ckpt, tmp_path, monkeypatch):
     """Its JSON names a local model and data by their absolute paths: predict.py and the
-    resume line work from another folder than the one it was trained in."""
+    resume line work from another folder than the one it was trained in; a model moved since
+    is given to predict.py (--model), checked to be the same files."""
     write_rte(tmp_path / "glue")
     shutil.copytree(ckpt, tmp_path / "model")
     monkeypatch.chdir(tmp_path)
@@ -2995,6 +2996,15 @@ def test_a_run_given_relative_folders_is_used_from_any_folder(ckpt, tmp_path, mo
     predict.load_finetuned(run_json)
     resumed = run_cli(*shlex.split(s["command"])[2:], "--out-dir", tmp_path / "logs", "--resume")
     assert resumed["epochs"] == s["epochs"]                  # found, and already finished
+    (tmp_path / "model").rename(tmp_path / "moved")          # predict.py --model: where it is now
+    assert refused(run_json, "a", "b", main=predict.main).endswith(
+        f"was trained on {tmp_path / 'model'}, no such folder now: give --model DIR, a copy of it")
+    assert predict.main([str(run_json), "a", "b", "--model", str(tmp_path / "moved")]) == \
+        predict.main([str(run_json), "a", "b", "--model", str(ckpt)])
+    make_checkpoint(tmp_path / "other", seed=1)              # other weights: refused
+    assert refused(run_json, "a", "b", "--model", tmp_path / "other", main=predict.main).endswith(
+        f"--model {tmp_path / 'other'} holds other files than the checkpoint the run was trained "
+        f"on ({s['model_tag']})")
 
 
 def test_cli_save_merged_regression_and_predict(ckpt, tmp_path, capsys):
