@@ -34,10 +34,10 @@ SAME = ("task", "seed", "method", "r", "lam", "alpha", "dropout", "max_length", 
 CAP = 20  # characters of a text kept per token of --max-length (`predict_texts`)
 
 
-def load_finetuned(run_json, model=None):
+def load_finetuned(run_json, model_dir=None):
     """A run's JSON -> (model, tokenizer, cfg): the pretrained checkpoint with the run's best
     adapter and head (train.build_model), in eval mode, on the CPU; cfg: the run's settings
-    and its run_name. model: the checkpoint, where it lies now if not where the run had it (a
+    and its run_name. model_dir: the checkpoint, where it lies now if not where the run had it (a
     local run's: the same files, checked by their content tag).
     A file that cannot serve (not a run's JSON, a damaged adapter, another run's adapter, a
     model of other files) is a UsageError naming it; a run that did not finish is said on
@@ -51,7 +51,7 @@ def load_finetuned(run_json, model=None):
         raise UsageError(f"{run_json} is not a run summary (what train.py writes as <run>.json)")
     s, known = summary["settings"], {f.name for f in fields(TrainConfig)}
     settings = {k: v for k, v in s.items() if k in known}
-    settings.update({"model": model} if model else {})
+    settings.update({"model": model_dir} if model_dir else {})
     try:
         cfg = TrainConfig(**settings)
     except (TypeError, ValueError, AttributeError):
@@ -79,12 +79,12 @@ def load_finetuned(run_json, model=None):
     spec = get_task(cfg.task)
     problem = os.path.isabs(cfg.model) and not_a_folder(cfg.model)  # a local one, gone since
     if problem:
-        raise UsageError(f"--model {model}: {problem}" if model else f"{run_json} was trained "
-                         f"on {cfg.model}, {problem} now: give --model DIR, a copy of it")
+        raise UsageError(f"--model {model_dir}: {problem}" if model_dir else f"{run_json} was "
+                         f"trained on {cfg.model}, {problem} now: give --model DIR, a copy of it")
     tag = str(summary.get("model_tag")).rsplit("-", 1)[-1]  # a local checkpoint's: its files'
-    if model and re.fullmatch("[0-9a-f]{8}", tag) and os.path.isdir(cfg.model) and \
+    if model_dir and re.fullmatch("[0-9a-f]{8}", tag) and os.path.isdir(cfg.model) and \
             checkpoint_tag(cfg.model).rsplit("-", 1)[-1] != tag:
-        raise UsageError(f"--model {model} holds other files than the checkpoint the run was "
+        raise UsageError(f"--model {model_dir} holds other files than the checkpoint the run was "
                          f"trained on ({summary['model_tag']})")
     with user_errors():  # the model folder may hold another model
         tokenizer = load_tokenizer(cfg.model, cfg.max_length)
