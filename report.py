@@ -31,8 +31,9 @@ PAPER = {  # Table 4 (RoBERTa-base, test metric at the best validation epoch, x1
 def load_runs(out_dir):
     """Every run summary under out_dir. A file that is not one -- not JSON, or not what
     train.py writes (a key missing, a metric or setting that is not a number) -- is skipped
-    with one warning naming it. A run whose JSON still says `running` while nobody holds its
-    lock is `stopped`: its process is gone (killed, or its machine)."""
+    with one warning naming it, and so is a second run of one experiment's seed (a copy of
+    its folder: a seed counts once). A run whose JSON still says `running` while nobody holds
+    its lock is `stopped`: its process is gone (killed, or its machine)."""
     runs = []
     for path in sorted(Path(out_dir).rglob("*.json")):
         try:
@@ -42,7 +43,7 @@ def load_runs(out_dir):
             lam = [settings["lam"]] if method == "delora" else []
             tested = [s["test"][metric]] if s["test"] else []
             # what the tables and figures compute with
-            numbers = [settings["lr_mult"], settings["epochs"], *lam, *tested,
+            numbers = [settings["seed"], settings["lr_mult"], settings["epochs"], *lam, *tested,
                        *(e["epoch"] for e in epochs), *(e["val"][metric] for e in epochs)]
             texts = [s["status"], s["model_tag"]]
             if task not in TASKS or method not in ("delora", "lora") or \
@@ -59,7 +60,13 @@ def load_runs(out_dir):
         if run["status"] == "running" and holder(path.with_suffix(".lock")) is None:
             run["status"] = "stopped"
         runs.append(run)
-    return named(runs)
+    first = {}  # by experiment and seed, in path order
+    for r in named(runs):
+        kept = first.setdefault((row_name(r), r["task"], r["settings"]["seed"]), r)
+        if kept is not r:
+            say(f"report.py: warning: skipped {r['path']}: seed {r['settings']['seed']} of the "
+                f"experiment of {kept['path']} again", err=True)
+    return list(first.values())
 
 
 def named(runs):

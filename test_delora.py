@@ -2656,7 +2656,11 @@ def test_report_means_stds_counts_and_unfinished_apart(tmp_path, capsys):
     fake_run(tmp_path, "rte", 45, 0.10, status="running")          # must not count
     fake_run(tmp_path, "rte", 46, 0.10, status="interrupted")      # nor this
     fake_run(tmp_path, "rte", 42, 0.5, method="lora")
-    text, data = report.report(report.load_runs(tmp_path))
+    copy = fake_run(tmp_path / "backup", "rte", 43, 0.74)           # seed 43 again: once, the
+    text, data = report.report(report.load_runs(tmp_path))         # first in path order kept
+    original = tmp_path / "rte" / copy.name
+    assert capsys.readouterr().err == f"report.py: warning: skipped {original}: seed 43 of " \
+        f"the experiment of {copy} again\n"
     rows = {(r["name"], r["task"]): r for r in data["rows"]}
     rte = rows[("FacebookAI_roberta-base delora", "rte")]
     assert rte["n"] == 3 and rte["mean"] == pytest.approx(0.74) and rte["diverged"] == 0
