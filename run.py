@@ -122,20 +122,24 @@ def run_name(cfg):
         f"_{data_tag(cfg)}" * (cfg.data is not None), f"_seed{cfg.seed}"])
 
 
-def model_folder(cfg):
-    """OUT_DIR/CHECKPOINT_TAG, the folder of the runs on a model; for a local checkpoint the
-    folder of earlier runs on the same files wherever they lay (its content tag decides), so
-    that a copy elsewhere (a job's own scratch folder) continues the same runs."""
+def model_folder(cfg, name):
+    """OUT_DIR/CHECKPOINT_TAG, the folder of the runs on a model. For a local checkpoint, a
+    folder of earlier runs on the same files wherever they lay (its content tag decides): the
+    one holding this run's JSON or checkpoint, else the first; so that a copy elsewhere (a
+    job's own scratch folder) continues the same runs."""
     tag = checkpoint_tag(cfg.model)
-    earlier = sorted(Path(cfg.out_dir).glob(f"*-{tag.rsplit('-', 1)[1]}")) if \
-        Path(cfg.model).is_dir() else []
-    return next((d for d in earlier if d.is_dir()), Path(cfg.out_dir) / tag)
+    earlier = [d for d in sorted(Path(cfg.out_dir).glob(f"*-{tag.rsplit('-', 1)[1]}"))
+               if d.is_dir()] if Path(cfg.model).is_dir() else []
+    own = [d for d in earlier if any((d / cfg.task / f"{name}{end}").exists()
+                                     for end in (".json", "_checkpoint.pt"))]
+    return (own + earlier + [Path(cfg.out_dir) / tag])[0]
 
 
 def run_paths(cfg):
     """OUT_DIR/CHECKPOINT_TAG/TASK/<run>{.txt, _TEST.txt, .json, _adapter.safetensors,
     _checkpoint.pt, .lock} (`model_folder`)."""
-    d, n = model_folder(cfg) / cfg.task, run_name(cfg)
+    n = run_name(cfg)
+    d = model_folder(cfg, n) / cfg.task
     return dict(log=d / f"{n}.txt", test=d / f"{n}_TEST.txt", json=d / f"{n}.json",
                 adapter=d / f"{n}_adapter.safetensors", checkpoint=d / f"{n}_checkpoint.pt",
                 lock=d / f"{n}.lock")

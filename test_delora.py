@@ -1647,6 +1647,15 @@ def test_one_experiment_one_name_models_and_data_told_apart_by_their_files(ckpt,
         train_tiny(scratch, glue_dir, tmp_path / "logs")
     s = train_tiny(scratch, glue_dir, tmp_path / "logs", seed=1)  # a new run: beside the others
     assert s["model_tag"] == tags[0] and len(list((tmp_path / "logs").iterdir())) == 2
+    train_tiny(scratch, glue_dir, tmp_path / "race", seed=2)  # started at once elsewhere: its
+    shutil.move(next((tmp_path / "race").iterdir()), tmp_path / "logs")  # own folder, job2_...
+    with pytest.raises(SystemExit, match=r"job2_roberta-[0-9a-f]{8}/rte/.* exists \(finished\)"):
+        train_tiny(a, glue_dir, tmp_path / "logs", seed=2)      # a run is found where it is
+    rows = report.report(report.load_runs(tmp_path / "logs"))[1]["rows"]
+    row = "final_model ({}) delora (data={}, batch_size=8, epochs=1)"  # the same files, run
+    assert {r["name"]: r["n"] for r in rows} == {row.format(tags[0], "glue"): 3,  # from three
+                                                 row.format(tags[0], "other"): 1,  # folders:
+                                                 row.format(tags[1], "glue"): 1}  # one name
     if os.access("/", os.W_OK):  # a model in a folder at the root (/model, in a container)
         top = Path(shutil.copytree(ckpt, f"/delora-test-{os.getpid()}"))
         try:
