@@ -125,13 +125,13 @@ def run_name(cfg):
 def model_folder(cfg, name):
     """OUT_DIR/CHECKPOINT_TAG, the folder of the runs on a model. For a local checkpoint, a
     folder of earlier runs on the same files wherever they lay (its content tag decides): the
-    one holding this run's JSON or checkpoint, else the first; so that a copy elsewhere (a
-    job's own scratch folder) continues the same runs."""
+    one holding this run's JSON, checkpoint or lock, else the first; so that a copy elsewhere
+    (a job's own scratch folder) continues the same runs."""
     tag = checkpoint_tag(cfg.model)
     earlier = [d for d in sorted(Path(cfg.out_dir).glob(f"*-{tag.rsplit('-', 1)[1]}"))
                if d.is_dir()] if Path(cfg.model).is_dir() else []
     own = [d for d in earlier if any((d / cfg.task / f"{name}{end}").exists()
-                                     for end in (".json", "_checkpoint.pt"))]
+                                     for end in (".json", "_checkpoint.pt", ".lock"))]
     return (own + earlier + [Path(cfg.out_dir) / tag])[0]
 
 
