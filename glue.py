@@ -113,15 +113,17 @@ def load_glue(task, seed, data=None):
 
 
 def local_files(task, root):
-    """The files a local copy holds for the task: ('save_to_disk', folder, every file below it)
-    or ('tsv', folder, [train.tsv, dev file]) -- what the run reads, and what tells two copies
-    apart (run.data_tag)."""
+    """The files a local copy holds for the task: ('save_to_disk', folder, its files and its
+    splits' files, not deeper: a run's --out-dir inside it does not count) or ('tsv', folder,
+    [train.tsv, dev file]) -- what the run reads, and what tells two copies apart
+    (run.data_tag)."""
     spec, root = get_task(task), Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     for folder in (root / task, root / spec.folder, root):
         if (folder / "dataset_dict.json").is_file():
-            return "save_to_disk", folder, sorted(p for p in folder.rglob("*") if p.is_file())
+            files = [*folder.glob("*"), *folder.glob("*/*")]
+            return "save_to_disk", folder, sorted(p for p in files if p.is_file())
         if (folder / "train.tsv").is_file() or (folder / spec.dev_file).is_file():
             return "tsv", folder, [folder / "train.tsv", folder / spec.dev_file]
     raise FileNotFoundError(f"no {task} data under {root}: looked for dataset_dict.json "

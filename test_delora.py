@@ -1512,6 +1512,11 @@ def test_a_save_to_disk_folder_is_read_and_its_columns_checked(tmp_path):
                                                    "save_to_disk info), not cola's")):
         glue.load_glue("cola", 42, tmp_path / "saved")
     assert len(glue.load_glue("sst2", 42, tmp_path / "saved")[0]) == 4
+    saved = SimpleNamespace(task="sst2", data=tmp_path / "saved")
+    tag, logs = run.data_tag(saved), tmp_path / "saved" / "logs" / "m" / "sst2"
+    logs.mkdir(parents=True)                                  # a run's --out-dir inside the copy
+    (logs / "run.json").write_text("{}")
+    assert run.data_tag(saved) == tag                         # is not part of the data
 
 
 @pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/glue not present")
