@@ -13,7 +13,6 @@
 """
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -26,7 +25,7 @@ from cli import say, user_errors, write_atomic
 from delora import adapters, load_adapter_state_dict
 from glue import compute_metrics, encode, get_task, label_of, read_text, read_tsv
 from roberta import check_max_length, checkpoint_key, load_tokenizer, read_safetensors
-from run import check_export, checkpoint_tag, export_merged
+from run import check_export, checkpoint_tag, content_of, export_merged
 from train import TrainConfig, all_logits, build_model
 
 SAME = ("task", "seed", "method", "r", "lam", "alpha", "dropout", "max_length", "lr", "lam_lr",
@@ -81,9 +80,9 @@ def load_finetuned(run_json, model_dir=None):
     if problem:
         raise UsageError(f"--model {model_dir}: {problem}" if model_dir else f"{run_json} was "
                          f"trained on {cfg.model}, {problem} now: give --model DIR, a copy of it")
-    tag = str(summary.get("model_tag")).rsplit("-", 1)[-1]  # a local checkpoint's: its files'
-    if model_dir and re.fullmatch("[0-9a-f]{8}", tag) and os.path.isdir(cfg.model) and \
-            checkpoint_tag(cfg.model).rsplit("-", 1)[-1] != tag:
+    theirs = content_of(str(summary.get("model_tag")))  # a local checkpoint's files
+    if model_dir and theirs and os.path.isdir(cfg.model) and \
+            content_of(checkpoint_tag(cfg.model)) != theirs:
         raise UsageError(f"--model {model_dir} holds other files than the checkpoint the run was "
                          f"trained on ({summary['model_tag']})")
     with user_errors():  # the model folder may hold another model

@@ -122,14 +122,22 @@ def run_name(cfg):
         f"_{data_tag(cfg)}" * (cfg.data is not None), f"_seed{cfg.seed}"])
 
 
+def content_of(tag):
+    """The part of a checkpoint's tag that names its files (a local folder's 8 hex digits), or
+    None (a hub id's tag)."""
+    local = re.fullmatch(r".*-([0-9a-f]{8})", tag)
+    return local and local.group(1)
+
+
 def model_folder(cfg, name):
     """OUT_DIR/CHECKPOINT_TAG, the folder of the runs on a model. For a local checkpoint, a
     folder of earlier runs on the same files wherever they lay (its content tag decides): the
     one holding this run's JSON, checkpoint or lock, else the first; so that a copy elsewhere
     (a job's own scratch folder) continues the same runs."""
     tag = checkpoint_tag(cfg.model)
-    earlier = [d for d in sorted(Path(cfg.out_dir).glob(f"*-{tag.rsplit('-', 1)[1]}"))
-               if d.is_dir()] if Path(cfg.model).is_dir() else []
+    content = content_of(tag) if Path(cfg.model).is_dir() else None
+    earlier = [d for d in sorted(Path(cfg.out_dir).glob(f"*-{content}")) if d.is_dir()] \
+        if content else []
     own = [d for d in earlier if any((d / cfg.task / f"{name}{end}").exists()
                                      for end in (".json", "_checkpoint.pt", ".lock"))]
     return (own + earlier + [Path(cfg.out_dir) / tag])[0]
