@@ -234,9 +234,12 @@ def bench_one(case, args, device):
     return dict(case, step_s=step, real_tokens_per_s=tok_s, peak_mb=peak)
 
 
-LIMITS = {  # what a benchmark can measure: at least, at most (roberta-base's 512 positions)
-    "batch_size": (1, None), "seq_len": (1, roberta.RobertaConfig().max_tokens),
-    "steps": (1, None), "warmup": (0, None)}
+POSITIONS = roberta.RobertaConfig().max_tokens  # roberta-base's 512
+LIMITS = [  # what a benchmark can measure, as train.RULES' rows
+    (("batch_size",), lambda v: v >= 1, "must be >= 1, got {}"),
+    (("seq_len",), lambda v: 1 <= v <= POSITIONS, f"must be in [1, {POSITIONS}], got {{}}"),
+    (("steps",), lambda v: v >= 1, "must be >= 1, got {}"),
+    (("warmup",), lambda v: v >= 0, "must be >= 0, got {}")]
 
 
 def main(argv=None):
@@ -257,12 +260,10 @@ def main(argv=None):
                    "adapter, as CUDA runs them (counted on the CPU), and nothing else")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    for name, (least, most) in LIMITS.items():
-        value = getattr(args, name)
-        if value is not None and not least <= value <= (most or value):
-            p.error(f"--{name.replace('_', '-')} must be " + (f"in [{least}, {most}]" if most
-                                                                else f">= {least}")
-                    + f", got {value}")
+    try:
+        train.check_rules(args, LIMITS)
+    except ValueError as e:
+        p.error(str(e))
     with cli.command_line("bench.py"):  # a place we cannot write: one line, before measuring
         if args.count_ops:
             return print_op_counts(args.bf16)

@@ -176,15 +176,22 @@ class TrainConfig:
         return run_name(self)
 
 
+def check_rules(values, rules):
+    """The rows of `rules` (options, the test a value passes, what one that fails is told) on the
+    values' attributes, None for one not given: the first that fails, one ValueError."""
+    for names, ok, told in rules:
+        for name in names:
+            value = getattr(values, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"--{name.replace('_', '-')} {told.format(value)}")
+
+
 def check(cfg):
     """Bad values as one ValueError naming the option (a negative learning rate would train
     silently by gradient ascent: AdamW checks only its default lr)."""
     if cfg.method not in ("delora", "lora"):
         raise ValueError(f"--method {cfg.method!r}: valid: delora, lora")
-    for names, ok, told in RULES:
-        for name in names:
-            if getattr(cfg, name) is not None and not ok(getattr(cfg, name)):
-                raise ValueError(f"--{name.replace('_', '-')} {told.format(getattr(cfg, name))}")
+    check_rules(cfg, RULES)
     check_device(cfg.device)
     if cfg.method == "delora" and cfg.lam == 0 or cfg.method == "lora" and not cfg.alpha:
         update = ("--lam 0: DeLoRA's update (λ/r)(B Ξ A − B₀ Ξ₀ A₀) ⊙ w"
